@@ -1,0 +1,45 @@
+# Set-up is part of every target: a fresh clone needs only `make demo` or `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PYTEST_ARGS ?=
+
+.PHONY: demo test build venv bench gpu-bench clean
+
+demo: build
+	$(BIN)/cfbd-fast demo
+
+test: build
+	@$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
+
+venv: $(VENV)/.deps
+$(VENV)/.deps: requirements.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r requirements.txt
+	touch $@
+
+build: $(VENV)/.built
+$(VENV)/.built: $(VENV)/.deps setup.py CMakeLists.txt $(wildcard csrc/*)
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+# CPU benchmarks of this machine; each prints a table and appends to benchmarks/results.csv.
+bench: build
+	$(BIN)/python benchmarks/bench_store.py
+	$(BIN)/python benchmarks/bench_consistency.py
+	$(BIN)/python benchmarks/bench_correlation.py
+	$(BIN)/python benchmarks/bench_gmm.py
+	$(BIN)/python benchmarks/bench_scan.py
+
+# On a GPU machine with torch, triton, numba, pybind11 and cmake already installed (no registry needed).
+gpu-bench:
+	python3 -m pip install --no-deps --no-build-isolation -e .
+	python3 -m pytest -m gpu -q
+	python3 benchmarks/bench_consistency.py --device cuda
+	python3 benchmarks/bench_correlation.py --device cuda
+	python3 benchmarks/bench_scan.py --device cuda
+
+clean:
+	rm -rf build *.egg-info cfbd_fast/_core*.so
