@@ -58,13 +58,21 @@ def env() -> None:
 
 
 def _register() -> None:
-    from . import store as store_cli
+    import importlib
 
-    app.add_typer(store_cli.app, name="store")
-    try:
-        from . import scan as scan_cli  # noqa: F401  (registers scan, train-mapper, demo)
-    except ImportError:
-        pass
+    def part(name):  # TEMPORARY-GUARD: modules land in parallel; made strict once all exist
+        try:
+            return importlib.import_module(f"{__package__}.{name}")
+        except ImportError:
+            return None
+
+    store_cli, mapper_cli, scan_cli, demo_cli = (part(n) for n in ("store", "mapper", "scan", "demo"))
+    if store_cli:
+        app.add_typer(store_cli.app, name="store", help="Create, import and inspect embedding stores.")
+    if mapper_cli:
+        app.command("train-mapper")(mapper_cli.train_mapper)
+    app.command("scan")(scan_cli.scan)
+    app.command("demo")(demo_cli.demo)
 
 
 _register()

@@ -1,0 +1,40 @@
+"""Coarse stage: a K-component GMM on the consistency scores splits rows into benign and the rest."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..gmm import fit_gmm
+
+
+@dataclass
+class CoarseSplit:
+    posterior: np.ndarray  # float32 (n,): posterior of the lowest-mean component; NaN for invalid rows
+    benign: np.ndarray  # bool (n,): posterior > gamma
+    gmm: object  # the fitted cfbd_fast.gmm mixture
+    lowest: int  # index of the lowest-mean component
+
+    def gmm_summary(self) -> dict:
+        return {
+            "weights": [float(w) for w in self.gmm.weights],
+            "means": [float(m) for m in self.gmm.means],
+            "variances": [float(v) for v in self.gmm.variances],
+            "score": float(self.gmm.score),
+            "n_iter": int(self.gmm.n_iter),
+            "converged": bool(self.gmm.converged),
+            "lowest_component": int(self.lowest),
+        }
+
+
+def coarse_split(c: np.ndarray, valid: np.ndarray, *, k: int = 5, gamma: float = 0.9, seed: int = 0,
+                 max_iter: int = 200, tol: float = 1e-3) -> CoarseSplit:
+    """Fit the GMM on the valid consistency scores; rows whose lowest-mean posterior exceeds `gamma` are benign."""
+    values = c[valid]
+    gmm = fit_gmm(values, k=k, seed=seed, max_iter=max_iter, tol=tol)
+    lowest = int(np.argmin(gmm.means))
+    posterior = np.full(len(c), np.nan, dtype=np.float32)
+    posterior[valid] = gmm.posterior(values, lowest)
+    benign = np.zeros(len(c), dtype=bool)
+    benign[valid] = posterior[valid] > gamma
+    return CoarseSplit(posterior=posterior, benign=benign, gmm=gmm, lowest=lowest)

@@ -1,0 +1,74 @@
+"""Seed set selection (the pairs the coarse stage calls poisoned) and the test for a coherent backdoor cluster.
+
+`top`: the paper's top-q rows by consistency c. `dense`: among the top-M rows by c, the q whose captions lie
+closest to their nearest fellow candidates; poisoned captions share one target, benign outliers rarely agree.
+Ties are broken by row id, so the choice never depends on chunk size or thread count.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+
+def top_rows(c: np.ndarray, valid: np.ndarray, m: int) -> np.ndarray:
+    """Row ids of the `m` largest c among valid rows, ordered by (c descending, row id ascending)."""
+    rows = np.flatnonzero(valid)
+    m = min(m, len(rows))
+    if m == 0:
+        return rows[:0]
+    values = c[rows]
+    cut = np.partition(values, len(values) - m)[len(values) - m]
+    cand = rows[values >= cut]  # includes every row tied with the cut
+    order = np.lexsort((cand, -c[cand]))
+    return cand[order][:m]
+
+
+def normalize_rows(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    norm = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(norm, 1e-12)
+
+
+def dense_rows(candidates: np.ndarray, captions: np.ndarray, q: int, neighbours: int = 10) -> np.ndarray:
+    """The q candidates whose captions have the highest mean cosine to their `neighbours` nearest fellow candidates.
+
+    `candidates` are row ids (any order), `captions` their caption embeddings in the same order.
+    Returns row ids ordered by density descending, ties by row id.
+    """
+    m = len(candidates)
+    q = min(q, m)
+    if m <= 1:
+        return candidates[:q]
+    t = normalize_rows(captions)
+    sim = t @ t.T
+    np.fill_diagonal(sim, -np.inf)
+    nn = min(neighbours, m - 1)
+    nearest = -np.sort(-sim, axis=1)[:, :nn]
+    density = nearest.mean(axis=1)
+    order = np.lexsort((candidates, -density))
+    return candidates[order][:q]
+
+
+def select_seeds(c: np.ndarray, valid: np.ndarray, q: int, mode: str = "top",
+                 captions_of: Callable[[np.ndarray], np.ndarray] | None = None,
+                 pool: int | None = None, neighbours: int = 10) -> np.ndarray:
+    """Seed rows by `mode` ("top" or "dense"). `captions_of(rows)` returns caption embeddings for sorted row ids."""
+    if mode == "top":
+        return top_rows(c, valid, q)
+    if mode != "dense":
+        raise ValueError(f"unknown seed selection {mode!r}: use 'top' or 'dense'")
+    pool = pool or max(20 * q, 1000)
+    cand = np.sort(top_rows(c, valid, pool))
+    return dense_rows(cand, captions_of(cand), q, neighbours)
+
+
+def mean_pairwise_cosine(x: np.ndarray) -> float:
+    """Mean cosine over distinct pairs of rows."""
+    t = normalize_rows(x)
+    n = len(t)
+    if n < 2:
+        return float("nan")
+    s = t.sum(axis=0, dtype=np.float64)
+    total = float(s @ s) - float(np.sum(t.astype(np.float64) ** 2))
+    return total / (n * (n - 1))

@@ -1,0 +1,81 @@
+"""Thresholds that turn a fine-stage score into a verdict (score > threshold means poisoned).
+
+Four estimators, compared on demo data with and without hard negatives (docs/algorithm.md):
+- `null-quantile`: the (1 - fpr) quantile of the score over a reference subset assumed clean
+  (the coarse stage's benign subset); controls the false-positive rate directly.
+- `robust-z`: median + z * 1.4826 * MAD over all rows, z the standard-normal (1 - fpr) quantile.
+- `gap`: the middle of the widest gap between consecutive sorted scores in the top `max_fraction`.
+- `mixture`: a 2-component GMM on the score; the lowest score whose upper-component posterior >= 0.5.
+"""
+from __future__ import annotations
+
+from statistics import NormalDist
+
+import numpy as np
+
+ESTIMATORS = ("null-quantile", "robust-z", "gap", "mixture")
+
+
+def null_quantile(score: np.ndarray, reference: np.ndarray, fpr: float) -> float:
+    ref = score[reference & np.isfinite(score)]
+    if len(ref) == 0:
+        return float("nan")
+    return float(np.quantile(ref, 1.0 - fpr, method="higher"))
+
+
+def robust_z(score: np.ndarray, fpr: float) -> float:
+    s = score[np.isfinite(score)]
+    if len(s) == 0:
+        return float("nan")
+    med = float(np.median(s))
+    mad = float(np.median(np.abs(s - med))) * 1.4826
+    return med + NormalDist().inv_cdf(1.0 - fpr) * mad
+
+
+def largest_gap(score: np.ndarray, max_fraction: float = 0.05) -> float:
+    s = np.sort(score[np.isfinite(score)])[::-1]
+    if len(s) < 2:
+        return float("nan")
+    top = s[: max(2, int(np.ceil(max_fraction * len(s))) + 1)]
+    gaps = top[:-1] - top[1:]
+    i = int(np.argmax(gaps))
+    return float((top[i] + top[i + 1]) / 2.0)
+
+
+def mixture(score: np.ndarray, seed: int = 0) -> float:
+    from ..gmm import fit_gmm
+
+    s = score[np.isfinite(score)]
+    if len(s) < 2 or np.ptp(s) == 0:
+        return float("nan")
+    gmm = fit_gmm(s, k=2, seed=seed)
+    upper = int(np.argmax(gmm.means))
+    grid = np.sort(s)
+    post = gmm.posterior(grid, upper)
+    # the posterior of the upper component rises with the score above the lower mean: first crossing of 0.5
+    above = np.flatnonzero((post >= 0.5) & (grid >= float(np.min(gmm.means))))
+    if len(above) == 0:
+        return float(grid[-1])
+    i = int(above[0])
+    return float((grid[i] + grid[i - 1]) / 2.0) if i > 0 else float(grid[0])
+
+
+def estimate(score: np.ndarray, method: str, *, reference: np.ndarray | None = None, fpr: float = 0.001,
+             seed: int = 0) -> float:
+    """One threshold by `method` (see the module docstring)."""
+    if method == "null-quantile":
+        if reference is None:
+            reference = np.ones(len(score), dtype=bool)
+        return null_quantile(score, reference, fpr)
+    if method == "robust-z":
+        return robust_z(score, fpr)
+    if method == "gap":
+        return largest_gap(score)
+    if method == "mixture":
+        return mixture(score, seed=seed)
+    raise ValueError(f"unknown threshold estimator {method!r}: use one of {', '.join(ESTIMATORS)}")
+
+
+def all_estimates(score: np.ndarray, *, reference: np.ndarray | None, fpr: float, seed: int = 0) -> dict:
+    """Every estimator's threshold, for the summary (so users can see how much the choice matters)."""
+    return {m: estimate(score, m, reference=reference, fpr=fpr, seed=seed) for m in ESTIMATORS}

@@ -1,0 +1,158 @@
+"""Detection stages on small hand-checked inputs: seeds, cluster pruning, scores, thresholds, baselines, metrics."""
+import numpy as np
+import pytest
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+from cfbd_fast.detect import baselines, coarse, fine, metrics, seeds, threshold
+
+
+# -- seeds ------------------------------------------------------------------------------------------------
+def test_top_rows_orders_by_c_then_row_id():
+    c = np.array([0.1, 0.9, 0.5, 0.9, np.nan, 0.7, 0.5], dtype=np.float32)
+    valid = ~np.isnan(c)
+    assert seeds.top_rows(c, valid, 3).tolist() == [1, 3, 5]
+    # the tie at 0.5 between rows 2 and 6 goes to the lower row id
+    assert seeds.top_rows(c, valid, 4).tolist() == [1, 3, 5, 2]
+    assert seeds.top_rows(c, valid, 100).tolist() == [1, 3, 5, 2, 6, 0]
+
+
+def test_top_rows_skips_invalid_even_when_largest():
+    c = np.array([5.0, 1.0, 2.0], dtype=np.float32)
+    valid = np.array([False, True, True])
+    assert seeds.top_rows(c, valid, 1).tolist() == [2]
+
+
+def test_dense_rows_prefers_the_shared_caption():
+    rng = np.random.default_rng(0)
+    d = 32
+    target = rng.normal(size=d)
+    captions = rng.normal(size=(40, d))  # 40 unrelated captions
+    captions[[3, 7, 11, 30, 35]] = target + 0.05 * rng.normal(size=(5, d))  # five share a target
+    cand = np.arange(40) + 100
+    picked = seeds.dense_rows(cand, captions, q=5, neighbours=3)
+    assert sorted(picked.tolist()) == [103, 107, 111, 130, 135]
+
+
+def test_mean_pairwise_cosine_matches_literal():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(17, 9))
+    t = x / np.linalg.norm(x, axis=1, keepdims=True)
+    sim = t @ t.T
+    literal = (sim.sum() - np.trace(sim)) / (17 * 16)
+    assert seeds.mean_pairwise_cosine(x) == pytest.approx(literal, abs=1e-6)
+
+
+def test_prune_to_cluster_drops_fillers():
+    rng = np.random.default_rng(2)
+    d = 64
+    target = rng.normal(size=d)
+    caps = np.vstack([target + 0.1 * rng.normal(size=(8, d)), rng.normal(size=(12, d))])
+    keep = fine.prune_to_cluster(np.arange(20), caps, null_coherence=0.0)
+    assert keep[:8].all() and not keep[8:].any()
+
+
+def test_prune_to_cluster_on_random_captions_keeps_only_the_medoid():
+    rng = np.random.default_rng(3)
+    caps = rng.normal(size=(50, 128))
+    keep = fine.prune_to_cluster(np.arange(50), caps, null_coherence=0.0)
+    assert keep.sum() == 1
+
+
+# -- coarse stage ---------------------------------------------------------------------------------------
+def test_coarse_split_low_mode_is_benign_and_outliers_are_not():
+    rng = np.random.default_rng(4)
+    c = np.concatenate([rng.normal(0.05, 0.01, 5000), rng.normal(0.4, 0.02, 50)]).astype(np.float32)
+    c[7] = np.nan
+    valid = ~np.isnan(c)
+    split = coarse.coarse_split(c, valid, k=2, gamma=0.9)
+    assert np.isnan(split.posterior[7]) and not split.benign[7]
+    assert split.benign[:5000][valid[:5000]].mean() > 0.99
+    assert not split.benign[5000:].any()
+    assert split.gmm_summary()["lowest_component"] == int(np.argmin(split.gmm.means))
+
+
+# -- fine-stage score ------------------------------------------------------------------------------------
+def test_fine_score_z_minus_so():
+    z = np.array([0.9, 0.9, 0.2], dtype=np.float32)
+    s_o = np.array([0.1, 0.4, 0.3], dtype=np.float32)
+    np.testing.assert_allclose(fine.fine_score(z, s_o, "z-so"), [0.8, 0.5, -0.1], atol=1e-7)
+    np.testing.assert_array_equal(fine.fine_score(z, s_o, "z"), z)
+    with pytest.raises(ValueError, match="unknown fine-stage score"):
+        fine.fine_score(z, s_o, "bogus")
+
+
+# -- thresholds -------------------------------------------------------------------------------------------
+def test_null_quantile_controls_fpr_on_reference():
+    rng = np.random.default_rng(5)
+    score = rng.normal(size=100_000)
+    ref = np.ones(len(score), dtype=bool)
+    t = threshold.null_quantile(score, ref, 0.01)
+    assert np.mean(score > t) <= 0.01
+    assert np.mean(score > t) > 0.009
+
+
+def test_robust_z_on_gaussian_null():
+    rng = np.random.default_rng(6)
+    score = rng.normal(3.0, 2.0, size=200_000)
+    t = threshold.robust_z(score, 0.001)
+    assert t == pytest.approx(3.0 + 3.0902 * 2.0, rel=0.02)
+
+
+def test_largest_gap_between_bulk_and_cluster():
+    score = np.concatenate([np.linspace(0.0, 0.3, 1000), np.linspace(0.8, 0.9, 20)])
+    t = threshold.largest_gap(score, max_fraction=0.05)
+    assert t == pytest.approx(0.55, abs=1e-9)
+
+
+def test_mixture_threshold_separates_two_modes():
+    rng = np.random.default_rng(7)
+    score = np.concatenate([rng.normal(0.0, 0.05, 20_000), rng.normal(1.0, 0.05, 500)])
+    t = threshold.mixture(score)
+    assert 0.15 < t < 0.85
+
+
+def test_estimate_rejects_unknown():
+    with pytest.raises(ValueError, match="unknown threshold estimator"):
+        threshold.estimate(np.zeros(3), "bogus")
+
+
+# -- baselines ----------------------------------------------------------------------------------------------
+def test_safeclip_flags_the_low_cosine_mode():
+    rng = np.random.default_rng(8)
+    s_o = np.concatenate([rng.normal(0.3, 0.03, 10_000), rng.normal(0.05, 0.02, 300)]).astype(np.float32)
+    valid = np.ones(len(s_o), dtype=bool)
+    score, info = baselines.safeclip_score(s_o, valid)
+    flagged = score > 0.1
+    assert flagged[10_000:].mean() > 0.95 and flagged[:10_000].mean() < 0.02
+    assert info["means"][info["safe_component"]] == pytest.approx(0.3, abs=0.01)
+
+
+def test_cosine_score():
+    np.testing.assert_allclose(baselines.cosine_score(np.array([0.0, 0.25, 1.0])), [1.0, 0.75, 0.0])
+
+
+# -- metrics ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_ranking_metrics_match_sklearn(seed):
+    rng = np.random.default_rng(seed)
+    labels = rng.random(3000) < 0.05
+    score = np.round(rng.normal(size=3000) + 1.5 * labels, 1)  # rounding creates many ties
+    assert metrics.auroc(labels, score) == pytest.approx(roc_auc_score(labels, score), abs=1e-12)
+    assert metrics.auprc(labels, score) == pytest.approx(average_precision_score(labels, score), abs=1e-12)
+
+
+def test_tpr_at_fpr_hand_checked():
+    labels = np.array([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1], dtype=bool)
+    score = np.array([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 8.5, 9.5, 3, 10], dtype=float)
+    # FPR <= 0.1 allows one negative (score 9) above the threshold: t = 8, positives above: 8.5, 9.5, 10
+    assert metrics.tpr_at_fpr(labels, score, 0.1) == pytest.approx(0.75)
+    # FPR 0: t = 9, positives above: 9.5, 10
+    assert metrics.tpr_at_fpr(labels, score, 0.0) == pytest.approx(0.5)
+
+
+def test_detection_metrics_counts():
+    labels = np.array([1, 1, 0, 0, 0], dtype=bool)
+    flagged = np.array([1, 0, 1, 0, 0], dtype=bool)
+    m = metrics.detection_metrics(labels, flagged, np.array([0.9, 0.1, 0.8, 0.2, np.nan]))
+    assert (m["tpr"], m["fpr"], m["precision"]) == (0.5, pytest.approx(1 / 3), 0.5)
+    assert m["true_positives"] == 1 and m["false_positives"] == 1

@@ -1,0 +1,204 @@
+"""The scan pipeline end to end on real stores written to disk, a real trained mapper, and the CLI."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from cfbd_fast.cli.main import app
+from cfbd_fast.demo import generate_pairs, write_demo_stores
+from cfbd_fast.mapper import save_mapper, train_mapper_on_store
+from cfbd_fast.scan import V_INVALID, V_POISONED, scan
+from cfbd_fast.store import EmbeddingStore
+
+runner = CliRunner()
+
+
+def _demo(tmp_path_factory, name, rows, poison_rate, seed=0, epochs=None):
+    out = tmp_path_factory.mktemp(name)
+    scan_store, ref_store = write_demo_stores(out, rows=rows, dim=64, poison_rate=poison_rate, seed=seed,
+                                              reference_rows=20_000, progress=False)
+    with EmbeddingStore.open(ref_store) as ref:
+        mapper = train_mapper_on_store(ref, seed=seed, hidden=256, progress=False)
+    mapper_path = save_mapper(mapper, out / "mapper.safetensors") or out / "mapper.safetensors"
+    return scan_store, Path(mapper_path)
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """20k rows, 64 dims, 0.5% poisoned: a store + a mapper trained on its clean split."""
+    return _demo(tmp_path_factory, "small", 20_000, 0.005)
+
+
+def _flips_are_near_threshold(a, b, tol=1e-5):
+    differ = a.verdict != b.verdict
+    thr = a.summary["threshold"]["value"]
+    return np.all(np.abs(a.score[differ] - thr) <= tol), int(differ.sum())
+
+
+def test_scan_finds_poisons_and_writes_outputs(small, tmp_path):
+    store_path, mapper = small
+    result = scan(store_path, mapper)
+    s = result.summary
+    assert s["cluster"]["found"]
+    m = s["metrics"]
+    assert m["tpr"] >= 0.95 and m["fpr"] <= 0.002, m
+    assert m["seed_precision"] >= 0.9
+    out = result.write(tmp_path / "out")
+    names = {p.name for p in out.iterdir()}
+    assert {"scores.parquet", "poisoned.txt", "keep.txt", "keep.parquet", "summary.json", "invalid.txt"} <= names
+    assert not [n for n in names if n.startswith(".")], "temporary files left behind"
+    scores = pq.read_table(out / "scores.parquet")
+    assert scores.num_rows == len(result.verdict)
+    assert set(scores.column_names) >= {"row_id", "key", "s_o", "s_g", "c", "posterior", "subset", "z", "score",
+                                        "verdict"}
+    poisoned = (out / "poisoned.txt").read_text().split()
+    keep = (out / "keep.txt").read_text().split()
+    assert len(poisoned) == m["flagged"] and len(poisoned) + len(keep) == len(result.verdict)
+    assert not set(poisoned) & set(keep)
+    kept_meta = pq.read_table(out / "keep.parquet")
+    assert kept_meta.column("key").to_pylist() == keep
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["store"]["fingerprint"] and summary["mapper"].startswith("file:")
+    assert summary["counts"]["verdict"]["poisoned"] == len(poisoned)
+
+
+def test_scan_verdicts_do_not_depend_on_chunk_size(small):
+    store_path, mapper = small
+    a = scan(store_path, mapper, chunk_rows=65536)
+    b = scan(store_path, mapper, chunk_rows=777)
+    assert a.summary["seeds"] == b.summary["seeds"]
+    ok, n = _flips_are_near_threshold(a, b)
+    assert ok, f"{n} verdicts differ away from the threshold"
+
+
+def test_scan_triton_interpreted_matches_cpu(tmp_path):
+    """The Triton kernels (run by the interpreter on CPU) give the same verdicts as the CPU path."""
+    out = tmp_path / "d"
+    store_path, ref = write_demo_stores(out, rows=3000, dim=32, poison_rate=0.01, seed=3, reference_rows=3000,
+                                        progress=False)
+    with EmbeddingStore.open(ref) as r:
+        save_mapper(train_mapper_on_store(r, seed=3, hidden=64, progress=False), out / "m.safetensors")
+    code = (
+        "import sys, numpy as np; from cfbd_fast.scan import scan; "
+        f"r = scan({str(store_path)!r}, {str(out / 'm.safetensors')!r}, q=20, chunk_rows=1024); "
+        "np.savez(sys.argv[1], verdict=r.verdict, score=r.score, thr=r.summary['threshold']['value'])"
+    )
+    results = {}
+    for impl in ("cpu", "triton"):
+        env = {**os.environ, "CFBD_FAST_IMPL": impl}
+        if impl == "triton":
+            env["TRITON_INTERPRET"] = "1"
+        subprocess.run([sys.executable, "-c", code, str(tmp_path / f"{impl}.npz")], env=env, check=True)
+        results[impl] = np.load(tmp_path / f"{impl}.npz")
+    a, b = results["cpu"], results["triton"]
+    differ = a["verdict"] != b["verdict"]
+    assert np.all(np.abs(a["score"][differ] - a["thr"]) <= 1e-5)
+    np.testing.assert_allclose(a["score"], b["score"], atol=1e-4, equal_nan=True)
+
+
+def test_clean_store_reports_no_cluster(tmp_path_factory):
+    store_path, mapper = _demo(tmp_path_factory, "clean", 20_000, 0.0)
+    result = scan(store_path, mapper)
+    assert not result.summary["cluster"]["found"]
+    assert result.summary["metrics"]["fpr"] <= 0.001
+    out = runner.invoke(app, ["scan", str(store_path), "--mapper", str(mapper), "--quiet",
+                              "--out", str(store_path.parent / "scan")])
+    assert out.exit_code == 0, out.output
+    assert "no backdoor cluster found" in out.output
+
+
+def test_fewer_poisons_than_q(tmp_path_factory):
+    store_path, mapper = _demo(tmp_path_factory, "few", 20_000, 0.0006)  # 12 poisons, q = 50
+    result = scan(store_path, mapper, q=50)
+    m = result.summary["metrics"]
+    assert m["positives"] == 12
+    assert result.summary["cluster"]["found"]
+    assert m["tpr"] >= 11 / 12 and m["false_positives"] <= 20, m
+
+
+def test_invalid_rows_get_their_own_verdict(tmp_path, small):
+    _, mapper = small
+    pairs = generate_pairs(rows=5000, dim=64, poison_rate=0.01, seed=1)
+    image, text = pairs.image.copy(), pairs.text.copy()
+    image[10] = np.nan
+    text[20] = 0.0
+    image[30, 5] = np.inf
+    path = EmbeddingStore.from_arrays(tmp_path / "bad.cfbd", image=image.astype(np.float16),
+                                      text=text.astype(np.float16), meta=pairs.meta(), model="cfbd-fast-demo").path
+    result = scan(path, mapper, q=20)
+    assert result.invalid_rows.tolist() == [10, 20, 30]
+    assert np.isnan(result.c[[10, 20, 30]]).all()
+    assert result.summary["counts"]["subset"]["invalid"] == 3
+    assert (result.verdict[[10, 20, 30]] == V_INVALID).all()
+    assert (result.verdict == V_POISONED).sum() > 0
+    out = result.write(tmp_path / "out")
+    assert len((out / "invalid.txt").read_text().split()) == 3
+
+
+@pytest.mark.parametrize("method", ["cfbd-paper", "coarse", "cosine", "safeclip"])
+def test_other_methods_run_and_report(small, method):
+    store_path, mapper = small
+    result = scan(store_path, mapper, method=method)
+    m = result.summary["metrics"]
+    assert 0.0 <= m["fpr"] <= 1.0 and 0.5 <= m["auroc"] <= 1.0
+    if method == "coarse":  # everything not confidently benign is flagged
+        assert m["flagged"] == result.summary["counts"]["subset"]["seed"] + \
+            result.summary["counts"]["subset"]["suspicious"]
+
+
+def test_labels_file_overrides_store_labels(small, tmp_path):
+    store_path, mapper = small
+    keys = EmbeddingStore.open(store_path).meta.column("key").to_pylist()
+    (tmp_path / "labels.csv").write_text("key,label\n" + "".join(f"{k},{int(i < 10)}\n" for i, k in enumerate(keys)))
+    result = scan(store_path, mapper, labels=tmp_path / "labels.csv")
+    assert result.summary["metrics"]["positives"] == 10
+
+
+# -- CLI -----------------------------------------------------------------------------------------------
+def test_cli_scan_json(small, tmp_path):
+    store_path, mapper = small
+    out = runner.invoke(app, ["scan", str(store_path), "--mapper", str(mapper), "--out", str(tmp_path / "o"),
+                              "--json", "--quiet"])
+    assert out.exit_code == 0, out.output
+    summary = json.loads(out.output)
+    assert summary["metrics"]["tpr"] >= 0.95
+    assert (tmp_path / "o" / "summary.json").exists()
+
+
+def test_cli_errors(small, tmp_path):
+    store_path, mapper = small
+
+    def fails(args, *needles):
+        res = runner.invoke(app, ["scan", *args, "--quiet"])
+        assert res.exit_code != 0, res.output
+        text = res.output.lower()
+        for needle in needles:
+            assert needle.lower() in text, res.output
+        return res
+
+    fails([str(tmp_path / "missing.cfbd"), "--mapper", str(mapper)], "missing.cfbd")
+    fails([str(store_path)], "needs a mapping network")
+    fails([str(store_path), "--mapper", str(tmp_path / "nope.safetensors")], "nope.safetensors")
+    fails([str(store_path), "--mapper", str(mapper), "--q", "10000000"], "larger than the store")
+    fails([str(store_path), "--mapper", str(mapper), "--method", "bogus"], "bogus")
+    fails([str(store_path), "--mapper", str(mapper), "--labels", str(tmp_path / "l.csv")], "l.csv")
+    import torch
+
+    if not torch.cuda.is_available():
+        fails([str(store_path), "--mapper", str(mapper), "--device", "cuda"], "no cuda device")
+    # a mapper made for another embedding dimension
+    other = tmp_path / "other"
+    _, ref = write_demo_stores(other, rows=2000, dim=32, poison_rate=0.0, reference_rows=2000, progress=False)
+    with EmbeddingStore.open(ref) as r:
+        save_mapper(train_mapper_on_store(r, hidden=32, epochs=1, progress=False), other / "m32.safetensors")
+    fails([str(store_path), "--mapper", str(other / "m32.safetensors")], "m32")
+    # an empty store
+    empty = EmbeddingStore.create(tmp_path / "empty.cfbd", 64, model="cfbd-fast-demo")
+    empty.close()
+    fails([str(tmp_path / "empty.cfbd"), "--mapper", str(mapper)], "empty")
