@@ -38,8 +38,9 @@ def machine() -> str:
 def run_child(script: str | Path, *args: str, env: dict | None = None) -> dict:
     """Run `python script --child args...` in a fresh process; return its JSON result plus `peak_rss_mb`.
 
-    The child must print exactly one JSON object on its last stdout line. Peak RSS comes from wait4(),
-    so each measurement is the child's own high-water mark, not the parent's.
+    The child must print one JSON object on its last stdout line and should include its own
+    `peak_rss_mb` from child_peak_rss_mb(). Otherwise the value from wait4() is used, which on Linux
+    also counts the parent's resident set at the time of the fork: an upper bound only.
     """
     proc = subprocess.Popen([sys.executable, str(script), "--child", *args], stdout=subprocess.PIPE,
                             env={**os.environ, **(env or {})}, text=True)
@@ -50,12 +51,15 @@ def run_child(script: str | Path, *args: str, env: dict | None = None) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"{script} --child {' '.join(args)} failed with exit code {proc.returncode}")
     result = json.loads(out.strip().splitlines()[-1])
-    result["peak_rss_mb"] = rusage.ru_maxrss / 1024
+    result.setdefault("peak_rss_mb", rusage.ru_maxrss / 1024)
     return result
 
 
 def child_peak_rss_mb() -> float:
-    """Peak RSS of the current process (for a child to report itself)."""
+    """Peak RSS of the current process since its exec (VmHWM), for a child to report itself."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

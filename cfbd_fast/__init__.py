@@ -1,8 +1,30 @@
 """cfbd-fast: coarse-to-fine backdoor detection (CFBD) for image-caption datasets, at CC3M scale.
 
-Public API: EmbeddingStore, scan, ops (consistency, seed_correlation, row_health), fit_gmm.
+Public API: EmbeddingStore, scan, ScanConfig, ops (consistency, seed_correlation, row_health), fit_gmm.
+Heavy parts (torch, numba) load on first use, so `import cfbd_fast` stays fast.
 """
-from ._version import __version__
-from .errors import CfbdError, InputError, StoreFormatError
+from importlib import import_module
 
-__all__ = ["__version__", "CfbdError", "InputError", "StoreFormatError"]
+from ._version import __version__
+from .errors import CfbdError, InputError, MapperMismatchError, StoreFormatError
+
+_LAZY = {
+    "EmbeddingStore": ("store", "EmbeddingStore"),
+    "scan": ("pipeline", "scan"),
+    "ScanConfig": ("pipeline", "ScanConfig"),
+    "ScanResult": ("pipeline", "ScanResult"),
+    "fit_gmm": ("gmm", "fit_gmm"),
+    "ops": ("ops", None),
+}
+
+__all__ = ["__version__", "CfbdError", "InputError", "MapperMismatchError", "StoreFormatError", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'cfbd_fast' has no attribute {name!r}")
+    module, attr = _LAZY[name]
+    mod = import_module(f".{module}", __name__)
+    value = mod if attr is None else getattr(mod, attr)
+    globals()[name] = value
+    return value

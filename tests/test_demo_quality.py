@@ -9,7 +9,7 @@ import pytest
 
 from cfbd_fast.demo import write_demo_stores
 from cfbd_fast.mapper import save_mapper, train_mapper_on_store
-from cfbd_fast.scan import scan
+from cfbd_fast.pipeline import scan
 from cfbd_fast.store import EmbeddingStore
 
 

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from cfbd_fast.cli.main import app
 from cfbd_fast.demo import generate_pairs, write_demo_stores
 from cfbd_fast.mapper import save_mapper, train_mapper_on_store
-from cfbd_fast.scan import V_INVALID, V_POISONED, scan
+from cfbd_fast.pipeline import V_INVALID, V_POISONED, scan
 from cfbd_fast.store import EmbeddingStore
 
 runner = CliRunner()
@@ -85,7 +85,7 @@ def test_scan_triton_interpreted_matches_cpu(tmp_path):
     with EmbeddingStore.open(ref) as r:
         save_mapper(train_mapper_on_store(r, seed=3, hidden=64, progress=False), out / "m.safetensors")
     code = (
-        "import sys, numpy as np; from cfbd_fast.scan import scan; "
+        "import sys, numpy as np; from cfbd_fast.pipeline import scan; "
         f"r = scan({str(store_path)!r}, {str(out / 'm.safetensors')!r}, q=20, chunk_rows=1024); "
         "np.savez(sys.argv[1], verdict=r.verdict, score=r.score, thr=r.summary['threshold']['value'])"
     )

@@ -33,7 +33,7 @@ def demo(
     """Generate a demo dataset, train a mapping network on its clean split, scan it and report the metrics."""
     from ..demo import write_demo_stores
     from ..mapper import save_mapper, train_mapper_on_store
-    from ..scan import _json_default, scan
+    from ..pipeline import _json_default, scan
     from ..store import EmbeddingStore
 
     progress = not quiet

@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 import platform
 
-import click
 import typer
 from typer.core import TyperGroup
 
@@ -12,19 +11,20 @@ from ..errors import CfbdError
 
 
 class _Group(TyperGroup):
-    """Turns cfbd-fast's own errors and I/O errors into `Error: <message>` and exit code 1.
+    """Turns cfbd-fast's own errors and I/O errors into `Error: <message>` on stderr and exit code 1.
 
     Set CFBD_FAST_DEBUG=1 to see the traceback instead.
     """
 
-    def invoke(self, ctx: click.Context):
+    def invoke(self, ctx: typer.Context):
         try:
             return super().invoke(ctx)
         except (CfbdError, OSError) as exc:
             if os.environ.get("CFBD_FAST_DEBUG"):
                 raise
             message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise click.ClickException(message) from exc
+            typer.echo(f"Error: {message}", err=True)
+            raise typer.Exit(1) from exc
 
 
 app = typer.Typer(

@@ -75,7 +75,7 @@ def scan(
     json_out: Json = False,
 ) -> None:
     """Scan STORE for backdoored pairs; write scores.parquet, poisoned.txt, keep.txt, keep.parquet, summary.json."""
-    from ..scan import _json_default, scan as run_scan
+    from ..pipeline import _json_default, scan as run_scan
 
     result = run_scan(
         store, mapper, labels=labels, progress=not quiet, method=method.value, k=k, gamma=gamma, q=q,

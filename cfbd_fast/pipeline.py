@@ -1,4 +1,4 @@
-"""The CFBD pipeline over a store, out of core: mapper -> consistency -> GMM -> seeds -> correlation -> verdict.
+"""The CFBD pipeline (`cfbd_fast.scan`) over a store, out of core: mapper -> consistency -> GMM -> seeds -> correlation -> verdict.
 
 Memory: one chunk of each matrix at a time plus O(N) float32 score arrays. `scan()` returns a `ScanResult`;
 `ScanResult.write(out_dir)` publishes scores.parquet, poisoned.txt, keep.txt, keep.parquet, invalid.txt and

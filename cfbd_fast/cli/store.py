@@ -1,0 +1,125 @@
+"""`cfbd-fast store`: inspect embedding stores and import .npy files or clip-retrieval folders."""
+from __future__ import annotations
+
+import json
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ._options import Json, Quiet
+
+app = typer.Typer(no_args_is_help=True, help="Create, import and inspect embedding stores (NAME.cfbd/).")
+
+
+class DTypeName(str, Enum):
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+    float32 = "float32"
+
+
+Out = Annotated[Path, typer.Argument(help="The new store directory, e.g. data.cfbd (must not exist).")]
+Model = Annotated[Optional[str], typer.Option(help="Embedding model name to record, e.g. ViT-L-14.")]
+Pretrained = Annotated[Optional[str], typer.Option(help="Pretrained tag to record, e.g. openai.")]
+DType = Annotated[Optional[DTypeName], typer.Option(help="Store dtype [default: the source's, float32 if wider].")]
+Normalized = Annotated[Optional[bool], typer.Option(
+    "--normalized/--not-normalized", help="Record whether rows are L2-normalised [default: check every row].")]
+
+
+def _human_bytes(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if value < 1000 or unit == "TB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{size} B"
+
+
+def _print_info(info: dict, health: dict | None) -> None:
+    model = info["model"] or "unknown"
+    if info["pretrained"]:
+        model += f" ({info['pretrained']})"
+    lines = [
+        ("path", info["path"]),
+        ("rows", f"{info['rows']:,}"),
+        ("dim", info["dim"]),
+        ("dtype", info["dtype"]),
+        ("matrices", ", ".join(info["matrices"])),
+        ("model", model),
+        ("normalized", "yes" if info["normalized"] else "no"),
+        ("size", _human_bytes(info["size_bytes"])),
+        ("format", f"v{info['format_version']} (written by cfbd-fast {info['cfbd_fast_version']})"),
+        ("fingerprint", info["fingerprint"]),
+    ]
+    for name, counts in (health or {}).items():
+        lines.append((f"{name} health", f"{counts['nonfinite_rows']:,} rows with NaN/inf, "
+                                        f"{counts['zero_norm_rows']:,} rows of zero norm"))
+    width = max(len(k) for k, _ in lines)
+    for key, value in lines:
+        typer.echo(f"{key:<{width}}  {value}")
+
+
+def _report(store, json_output: bool, health: dict | None = None) -> None:
+    info = store.info
+    if json_output:
+        typer.echo(json.dumps({**info, **({"health": health} if health is not None else {})}, indent=2))
+    else:
+        _print_info(info, health)
+
+
+@app.command()
+def info(
+    path: Annotated[Path, typer.Argument(help="A store directory (NAME.cfbd).")],
+    health: Annotated[bool, typer.Option("--health/--no-health",
+                                         help="Count rows with NaN/inf or zero norm (reads every row).")] = True,
+    quiet: Quiet = False,
+    json_output: Json = False,
+) -> None:
+    """Rows, dim, dtype, model, size and row health of a store."""
+    from ..store import EmbeddingStore
+
+    with EmbeddingStore.open(path) as store:
+        counts = store.health(progress=not quiet) if health else None
+        _report(store, json_output, counts)
+
+
+@app.command("from-npy")
+def from_npy(
+    out: Out,
+    image: Annotated[Path, typer.Option("--image", help="Image embeddings, a 2-D .npy file.")],
+    text: Annotated[Path, typer.Option("--text", help="Caption embeddings, a 2-D .npy file row-aligned with --image.")],
+    meta: Annotated[Optional[Path], typer.Option(
+        "--meta", help="Parquet with `caption` and `key` (or `image_path`/`url`), optional `is_poisoned`.")] = None,
+    model: Model = None,
+    pretrained: Pretrained = None,
+    dtype: DType = None,
+    normalized: Normalized = None,
+    quiet: Quiet = False,
+    json_output: Json = False,
+) -> None:
+    """Write two row-aligned .npy matrices (and optional metadata) to a new store."""
+    from ..importers import from_npy as import_npy
+
+    with import_npy(image, text, out, meta_parquet=meta, model=model, pretrained=pretrained, normalized=normalized,
+                    dtype=dtype.value if dtype else None, progress=not quiet) as store:
+        _report(store, json_output)
+
+
+@app.command("import-clip-retrieval")
+def import_clip_retrieval(
+    src: Annotated[Path, typer.Argument(help="clip-retrieval output folder (img_emb/, text_emb/, metadata/).")],
+    out: Out,
+    model: Model = None,
+    pretrained: Pretrained = None,
+    dtype: DType = None,
+    normalized: Normalized = None,
+    quiet: Quiet = False,
+    json_output: Json = False,
+) -> None:
+    """Import a clip-retrieval inference folder into a new store."""
+    from ..importers import import_clip_retrieval as import_folder
+
+    with import_folder(src, out, model=model, pretrained=pretrained, normalized=normalized,
+                       dtype=dtype.value if dtype else None, progress=not quiet) as store:
+        _report(store, json_output)
