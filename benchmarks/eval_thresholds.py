@@ -13,7 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import append_results, print_table  # noqa: E402
 
-from cfbd_fast.demo import write_demo_stores  # noqa: E402
+from cfbd_fast.demo import DEMO_MAPPER_OPTIONS, write_demo_stores  # noqa: E402
 from cfbd_fast.detect.threshold import ESTIMATORS  # noqa: E402
 from cfbd_fast.mapper import save_mapper, train_mapper_on_store  # noqa: E402
 from cfbd_fast.pipeline import scan  # noqa: E402
@@ -32,7 +32,7 @@ def main() -> None:
                 scan_store, ref_store = write_demo_stores(tmp, rows=args.rows, seed=seed,
                                                           hard_negative_rate=hard_rate, progress=False)
                 with EmbeddingStore.open(ref_store) as ref:
-                    save_mapper(train_mapper_on_store(ref, seed=seed, progress=False), Path(tmp) / "m.safetensors")
+                    save_mapper(train_mapper_on_store(ref, seed=seed, progress=False, **DEMO_MAPPER_OPTIONS), Path(tmp) / "m.safetensors")
                 for score in ("z-so", "z"):
                     for est in ESTIMATORS:
                         s = scan(scan_store, Path(tmp) / "m.safetensors", seed=seed, score=score,

@@ -34,7 +34,7 @@ _METHOD_DEFAULTS = {
     "cosine": {"seed_select": "top", "score": "z"},
     "safeclip": {"seed_select": "top", "score": "z"},
 }
-DEFAULT_THRESHOLD_METHOD = "null-quantile"
+DEFAULT_THRESHOLD_METHOD = "gap"
 SUBSETS = np.array(["benign", "seed", "suspicious", "invalid"])
 VERDICTS = np.array(["benign", "poisoned", "invalid"])
 BENIGN, SEED, SUSPICIOUS, INVALID = 0, 1, 2, 3
@@ -311,7 +311,7 @@ def scan(store: str | Path | EmbeddingStore, mapper=None, *, config: ScanConfig 
     s_g = np.full(n, np.nan, dtype=np.float32)
     c = np.full(n, np.nan, dtype=np.float32)
     invalid = np.zeros(n, dtype=bool)
-    with progress_bar("consistency", n, enabled=progress) as bar, torch.inference_mode():
+    with progress_bar("consistency", n, enabled=progress) as bar, torch.no_grad():
         for chunk in store.iter_chunks(rows=cfg.chunk_rows, matrices=("image", "text")):
             lo, hi = chunk.start, chunk.stop
             t0 = time.perf_counter()
@@ -389,7 +389,7 @@ def scan(store: str | Path | EmbeddingStore, mapper=None, *, config: ScanConfig 
         # -- pass 2: correlation with the seed captions ------------------------------------------------
         t0 = time.perf_counter()
         seed_t = torch.from_numpy(corr_captions).to(device)
-        with progress_bar("correlation", n, enabled=progress) as bar, torch.inference_mode():
+        with progress_bar("correlation", n, enabled=progress) as bar, torch.no_grad():
             for chunk in store.iter_chunks(rows=cfg.chunk_rows, matrices=("text",)):
                 txt = as_tensor(chunk.text, device)
                 zz = ops.seed_correlation(txt, seed_t, reduce=cfg.reduce, k=cfg.topk if cfg.reduce == "topk" else None)

@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cfbd_fast.cli.main import app
-from cfbd_fast.demo import generate_pairs, write_demo_stores
+from cfbd_fast.demo import DEMO_MAPPER_OPTIONS, generate_pairs, write_demo_stores
 from cfbd_fast.mapper import save_mapper, train_mapper_on_store
 from cfbd_fast.pipeline import V_INVALID, V_POISONED, scan
 from cfbd_fast.store import EmbeddingStore
@@ -19,14 +19,13 @@ from cfbd_fast.store import EmbeddingStore
 runner = CliRunner()
 
 
-def _demo(tmp_path_factory, name, rows, poison_rate, seed=0, epochs=None):
+def _demo(tmp_path_factory, name, rows, poison_rate, seed=0):
     out = tmp_path_factory.mktemp(name)
     scan_store, ref_store = write_demo_stores(out, rows=rows, dim=64, poison_rate=poison_rate, seed=seed,
                                               reference_rows=20_000, progress=False)
     with EmbeddingStore.open(ref_store) as ref:
-        mapper = train_mapper_on_store(ref, seed=seed, hidden=256, progress=False)
-    mapper_path = save_mapper(mapper, out / "mapper.safetensors") or out / "mapper.safetensors"
-    return scan_store, Path(mapper_path)
+        mapper = train_mapper_on_store(ref, seed=seed, progress=False, **DEMO_MAPPER_OPTIONS)
+    return scan_store, save_mapper(mapper, out / "mapper.safetensors")
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +82,7 @@ def test_scan_triton_interpreted_matches_cpu(tmp_path):
     store_path, ref = write_demo_stores(out, rows=3000, dim=32, poison_rate=0.01, seed=3, reference_rows=3000,
                                         progress=False)
     with EmbeddingStore.open(ref) as r:
-        save_mapper(train_mapper_on_store(r, seed=3, hidden=64, progress=False), out / "m.safetensors")
+        save_mapper(train_mapper_on_store(r, seed=3, progress=False, **DEMO_MAPPER_OPTIONS), out / "m.safetensors")
     code = (
         "import sys, numpy as np; from cfbd_fast.pipeline import scan; "
         f"r = scan({str(store_path)!r}, {str(out / 'm.safetensors')!r}, q=20, chunk_rows=1024); "
@@ -196,7 +195,7 @@ def test_cli_errors(small, tmp_path):
     other = tmp_path / "other"
     _, ref = write_demo_stores(other, rows=2000, dim=32, poison_rate=0.0, reference_rows=2000, progress=False)
     with EmbeddingStore.open(ref) as r:
-        save_mapper(train_mapper_on_store(r, hidden=32, epochs=1, progress=False), other / "m32.safetensors")
+        save_mapper(train_mapper_on_store(r, depth=1, epochs=1, progress=False), other / "m32.safetensors")
     fails([str(store_path), "--mapper", str(other / "m32.safetensors")], "m32")
     # an empty store
     empty = EmbeddingStore.create(tmp_path / "empty.cfbd", 64, model="cfbd-fast-demo")

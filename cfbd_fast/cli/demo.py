@@ -12,8 +12,8 @@ from typing import Annotated
 
 import typer
 
-from ._options import Json, Quiet
-from .scan import Device, format_summary
+from ._options import Device, Json, Quiet
+from .scan import format_summary
 
 BASELINES = ("cfbd-paper", "cosine", "safeclip")
 
@@ -31,7 +31,7 @@ def demo(
     json_out: Json = False,
 ) -> None:
     """Generate a demo dataset, train a mapping network on its clean split, scan it and report the metrics."""
-    from ..demo import write_demo_stores
+    from ..demo import DEMO_MAPPER_OPTIONS, write_demo_stores
     from ..mapper import save_mapper, train_mapper_on_store
     from ..pipeline import _json_default, scan
     from ..store import EmbeddingStore
@@ -49,7 +49,8 @@ def demo(
             shutil.rmtree(p, ignore_errors=True)
         write_demo_stores(out, rows=rows, dim=dim, poison_rate=poison_rate, seed=seed, progress=progress)
         with EmbeddingStore.open(ref_store) as ref:
-            mapper = train_mapper_on_store(ref, seed=seed, device=device.value, progress=progress)
+            mapper = train_mapper_on_store(ref, seed=seed, device=device.value, progress=progress,
+                                           **DEMO_MAPPER_OPTIONS)
         save_mapper(mapper, mapper_path)
         record.write_text(json.dumps(params) + "\n")
     prepare_s = time.perf_counter() - t0

@@ -58,19 +58,13 @@ def env() -> None:
 
 
 def _register() -> None:
-    import importlib
+    from . import demo as demo_cli
+    from . import mapper as mapper_cli
+    from . import scan as scan_cli
+    from . import store as store_cli
 
-    def part(name):  # TEMPORARY-GUARD: modules land in parallel; made strict once all exist
-        try:
-            return importlib.import_module(f"{__package__}.{name}")
-        except ImportError:
-            return None
-
-    store_cli, mapper_cli, scan_cli, demo_cli = (part(n) for n in ("store", "mapper", "scan", "demo"))
-    if store_cli:
-        app.add_typer(store_cli.app, name="store", help="Create, import and inspect embedding stores.")
-    if mapper_cli:
-        app.command("train-mapper")(mapper_cli.train_mapper)
+    app.add_typer(store_cli.app, name="store", help="Create, import and inspect embedding stores.")
+    app.command("train-mapper")(mapper_cli.train_mapper)
     app.command("scan")(scan_cli.scan)
     app.command("demo")(demo_cli.demo)
 

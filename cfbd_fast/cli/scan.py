@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ._options import Json, Quiet
+from ._options import Device, Json, Quiet
 
 
 class Method(str, Enum):
@@ -42,11 +42,6 @@ class ThresholdMethod(str, Enum):
     mixture = "mixture"
 
 
-class Device(str, Enum):
-    cpu = "cpu"
-    cuda = "cuda"
-
-
 def scan(
     store: Annotated[Path, typer.Argument(help="A NAME.cfbd store directory.")],
     mapper: Annotated[Optional[str], typer.Option(
@@ -63,8 +58,8 @@ def scan(
     score: Annotated[Optional[Score], typer.Option(help="Fine-stage score (default: per method).")] = None,
     threshold: Annotated[Optional[float], typer.Option(help="Fixed threshold on the score (default: estimated).")]
     = None,
-    threshold_method: Annotated[ThresholdMethod, typer.Option(help="Estimator when no --threshold is given.")]
-    = ThresholdMethod.null_quantile,
+    threshold_method: Annotated[Optional[ThresholdMethod], typer.Option(
+        help="Estimator when no --threshold is given (default: gap, chosen by measurement).")] = None,
     fpr: Annotated[float, typer.Option(help="Target false-positive rate of the estimated threshold.")] = 0.001,
     labels: Annotated[Optional[Path], typer.Option(
         help="Ground truth: parquet/CSV with a key column and is_poisoned/label 0/1.")] = None,
@@ -80,8 +75,8 @@ def scan(
     result = run_scan(
         store, mapper, labels=labels, progress=not quiet, method=method.value, k=k, gamma=gamma, q=q,
         seed_select=seed_select.value if seed_select else None, reduce=reduce.value, topk=topk,
-        score=score.value if score else None, threshold=threshold, threshold_method=threshold_method.value,
-        fpr=fpr, chunk_rows=chunk_rows, device=device.value, seed=seed,
+        score=score.value if score else None, threshold=threshold, fpr=fpr, chunk_rows=chunk_rows,
+        device=device.value, seed=seed, **({"threshold_method": threshold_method.value} if threshold_method else {}),
     )
     out_dir = out or store.with_name(store.name.removesuffix(".cfbd") + ".scan")
     result.write(out_dir)

@@ -4,7 +4,9 @@ Four estimators, compared on demo data with and without hard negatives (docs/alg
 - `null-quantile`: the (1 - fpr) quantile of the score over a reference subset assumed clean
   (the coarse stage's benign subset); controls the false-positive rate directly.
 - `robust-z`: median + z * 1.4826 * MAD over all rows, z the standard-normal (1 - fpr) quantile.
-- `gap`: the middle of the widest gap between consecutive sorted scores in the top `max_fraction`.
+- `gap`: the middle of the widest gap between consecutive sorted scores in the top `max_fraction`
+  with at least `min_above` scores above it: a backdoor's captions share one target, so its pairs form a
+  tight mode separated from the bulk.
 - `mixture`: a 2-component GMM on the score; the lowest score whose upper-component posterior >= 0.5.
 """
 from __future__ import annotations
@@ -32,12 +34,13 @@ def robust_z(score: np.ndarray, fpr: float) -> float:
     return med + NormalDist().inv_cdf(1.0 - fpr) * mad
 
 
-def largest_gap(score: np.ndarray, max_fraction: float = 0.05) -> float:
+def largest_gap(score: np.ndarray, max_fraction: float = 0.05, min_above: int = 5) -> float:
     s = np.sort(score[np.isfinite(score)])[::-1]
-    if len(s) < 2:
+    if len(s) <= min_above:
         return float("nan")
-    top = s[: max(2, int(np.ceil(max_fraction * len(s))) + 1)]
-    gaps = top[:-1] - top[1:]
+    top = s[: max(min_above + 1, int(np.ceil(max_fraction * len(s))) + 1)]
+    gaps = top[:-1] - top[1:]  # gaps[i] lies below the i + 1 highest scores
+    gaps[: min_above - 1] = -np.inf
     i = int(np.argmax(gaps))
     return float((top[i] + top[i + 1]) / 2.0)
 
