@@ -12,7 +12,6 @@ import os
 import platform
 import shutil
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import numpy as np
 from . import __version__, ops
 from .detect import baselines, coarse, fine, metrics, seeds, threshold
 from .errors import InputError
+from .ops._dispatch import as_tensor
 from .progress import progress_bar
 from .store import EmbeddingStore
 
@@ -154,25 +154,6 @@ def _json_default(o):
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
-def as_tensor(arr: np.ndarray, device):
-    """A torch view of a (possibly read-only, possibly bfloat16) numpy chunk, moved to `device`."""
-    import torch
-
-    if arr.dtype.name == "bfloat16":
-        t = _from_numpy(arr.view(np.int16)).view(torch.bfloat16)
-    else:
-        t = _from_numpy(arr)
-    return t.to(device, non_blocking=True)
-
-
-def _from_numpy(arr: np.ndarray):
-    import torch
-
-    with warnings.catch_warnings():  # read-only buffers: we never write through the tensor
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(arr)
 
 
 class _Timer:
@@ -315,8 +296,8 @@ def scan(store: str | Path | EmbeddingStore, mapper=None, *, config: ScanConfig 
         for chunk in store.iter_chunks(rows=cfg.chunk_rows, matrices=("image", "text")):
             lo, hi = chunk.start, chunk.stop
             t0 = time.perf_counter()
-            img = as_tensor(chunk.image, device)
-            txt = as_tensor(chunk.text, device)
+            img = as_tensor(chunk.image, "image").to(device, non_blocking=True)
+            txt = as_tensor(chunk.text, "text").to(device, non_blocking=True)
             bad = ops.row_health(img) | ops.row_health(txt)
             timer.sync()
             timer.add("read", time.perf_counter() - t0)
@@ -391,7 +372,7 @@ def scan(store: str | Path | EmbeddingStore, mapper=None, *, config: ScanConfig 
         seed_t = torch.from_numpy(corr_captions).to(device)
         with progress_bar("correlation", n, enabled=progress) as bar, torch.no_grad():
             for chunk in store.iter_chunks(rows=cfg.chunk_rows, matrices=("text",)):
-                txt = as_tensor(chunk.text, device)
+                txt = as_tensor(chunk.text, "text").to(device, non_blocking=True)
                 zz = ops.seed_correlation(txt, seed_t, reduce=cfg.reduce, k=cfg.topk if cfg.reduce == "topk" else None)
                 z[chunk.start:chunk.stop] = zz.cpu().numpy()
                 bar.advance(chunk.stop - chunk.start)
