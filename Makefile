@@ -39,7 +39,7 @@ gpu-bench:
 	python3 -m pytest -m gpu -q
 	python3 benchmarks/bench_consistency.py --device cuda
 	python3 benchmarks/bench_correlation.py --device cuda
-	python3 benchmarks/bench_scan.py --device cuda
+	python3 benchmarks/bench_scan.py --device cuda --dim 1024 --rows 3000000 --no-naive
 
 clean:
 	rm -rf build *.egg-info cfbd_fast/_core*.so

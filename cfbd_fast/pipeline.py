@@ -205,10 +205,20 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def _captions_of(store: EmbeddingStore):
+def _rows_of(store: EmbeddingStore, matrix: str):
+    """A function returning float32 rows of one matrix, in the order asked (read in sorted order)."""
+    data = store.matrix(matrix)
+
     def fetch(rows: np.ndarray) -> np.ndarray:
-        return np.asarray(store.text[np.sort(rows)], dtype=np.float32)[np.argsort(np.argsort(rows))]
+        order = np.argsort(rows)
+        out = np.empty((len(rows), store.dim), dtype=np.float32)
+        out[order] = data[rows[order]]
+        return out
     return fetch
+
+
+_LABEL_KEY_COLUMNS = ("key", "image_path", "image", "url")
+_LABEL_COLUMNS = ("is_poisoned", "label", "is_backdoor")
 
 
 def _load_labels(store: EmbeddingStore, labels_path: Path | None, keys: np.ndarray) -> np.ndarray | None:
@@ -235,11 +245,12 @@ def _load_labels(store: EmbeddingStore, labels_path: Path | None, keys: np.ndarr
         else:
             import pyarrow.csv as pacsv
 
-            table = pacsv.read_csv(path)
+            keys_as_text = {c: pa.string() for c in _LABEL_KEY_COLUMNS}  # keep leading zeros of 9-digit keys
+            table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(column_types=keys_as_text))
     except Exception as exc:  # pyarrow raises several types for unreadable files
         raise InputError(f"{path}: cannot read labels ({exc}); expected parquet or CSV") from exc
-    label_col = next((c for c in ("is_poisoned", "label", "is_backdoor") if c in table.column_names), None)
-    key_col = next((c for c in ("key", "image_path", "image", "url") if c in table.column_names), None)
+    label_col = next((c for c in _LABEL_COLUMNS if c in table.column_names), None)
+    key_col = next((c for c in _LABEL_KEY_COLUMNS if c in table.column_names), None)
     if label_col is None or key_col is None:
         raise InputError(f"{path}: needs a key column (key/image_path/image/url) and a label column "
                          f"(is_poisoned/label/is_backdoor); has {', '.join(table.column_names)}")
@@ -342,24 +353,37 @@ def scan(store: str | Path | EmbeddingStore, mapper=None, *, config: ScanConfig 
         posterior = split.posterior
         timer.add("gmm", time.perf_counter() - t0)
         t0 = time.perf_counter()
-        captions_of = _captions_of(store)
+        captions_of, images_of = _rows_of(store, "text"), _rows_of(store, "image")
         seed_rows = seeds.select_seeds(c, valid, min(cfg.q, n_valid), mode=cfg.seed_select, captions_of=captions_of)
         rng = np.random.default_rng(cfg.seed)
         null_rows = np.sort(rng.choice(np.flatnonzero(valid), size=min(2000, n_valid), replace=False))
         null_coherence = seeds.mean_pairwise_cosine(captions_of(null_rows))
-        seed_captions = captions_of(seed_rows)
         subset[valid & split.benign] = BENIGN
         subset[seed_rows] = SEED
         if cfg.method == "cfbd":
-            in_cluster = fine.prune_to_cluster(seed_rows, seed_captions, null_coherence, cfg.cluster_min_relative)
-            cluster_rows = seed_rows[in_cluster]
-            found = len(cluster_rows) >= min(cfg.min_cluster, cfg.q)
+            # Examine the seed set's caption clusters, densest first; duplicate families are set aside.
+            null_image_coherence = seeds.mean_pairwise_cosine(images_of(null_rows))
+            remaining, examined = seed_rows, 0
+            while True:
+                in_cluster = fine.prune_to_cluster(remaining, captions_of(remaining), null_coherence,
+                                                   cfg.cluster_min_relative)
+                cluster_rows = remaining[in_cluster]
+                examined += 1
+                verdict_info = fine.cluster_verdict(
+                    n_members=len(cluster_rows), min_members=min(cfg.min_cluster, cfg.q),
+                    image_coherence=seeds.mean_pairwise_cosine(images_of(cluster_rows)),
+                    null_image_coherence=null_image_coherence, max_relative=cfg.cluster_min_relative)
+                remaining = remaining[~in_cluster]
+                if verdict_info["found"] or len(cluster_rows) < min(cfg.min_cluster, cfg.q) or len(remaining) == 0:
+                    break
+            verdict_info["clusters_examined"] = examined
         else:
-            cluster_rows, found = seed_rows, True
+            cluster_rows, verdict_info = seed_rows, {"found": True, "reason": "the paper's method has no cluster test"}
+        found = verdict_info["found"]
         corr_rows = cluster_rows if len(cluster_rows) else seed_rows
         corr_captions = captions_of(corr_rows)
         summary["cluster"] = {
-            "found": bool(found),
+            **verdict_info,
             "seed_rows": len(seed_rows),
             "cluster_rows": len(cluster_rows),
             "null_coherence": null_coherence,

@@ -156,3 +156,12 @@ def test_detection_metrics_counts():
     m = metrics.detection_metrics(labels, flagged, np.array([0.9, 0.1, 0.8, 0.2, np.nan]))
     assert (m["tpr"], m["fpr"], m["precision"]) == (0.5, pytest.approx(1 / 3), 0.5)
     assert m["true_positives"] == 1 and m["false_positives"] == 1
+
+
+def test_cluster_verdict_separates_backdoor_from_duplicate_family():
+    backdoor = fine.cluster_verdict(n_members=40, min_members=5, image_coherence=0.45, null_image_coherence=0.44)
+    family = fine.cluster_verdict(n_members=40, min_members=5, image_coherence=0.9, null_image_coherence=0.44)
+    small = fine.cluster_verdict(n_members=3, min_members=5, image_coherence=0.45, null_image_coherence=0.44)
+    assert backdoor["found"] and not family["found"] and not small["found"]
+    assert "duplicate family" in family["reason"] and "only 3" in small["reason"]
+    assert family["relative_image_coherence"] == pytest.approx((0.9 - 0.44) / (1 - 0.44))

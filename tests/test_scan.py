@@ -21,7 +21,7 @@ runner = CliRunner()
 
 def _demo(tmp_path_factory, name, rows, poison_rate, seed=0):
     out = tmp_path_factory.mktemp(name)
-    scan_store, ref_store = write_demo_stores(out, rows=rows, dim=64, poison_rate=poison_rate, seed=seed,
+    scan_store, ref_store = write_demo_stores(out, rows=rows, dim=256, poison_rate=poison_rate, seed=seed,
                                               reference_rows=20_000, progress=False)
     with EmbeddingStore.open(ref_store) as ref:
         mapper = train_mapper_on_store(ref, seed=seed, progress=False, **DEMO_MAPPER_OPTIONS)
@@ -30,7 +30,7 @@ def _demo(tmp_path_factory, name, rows, poison_rate, seed=0):
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
-    """20k rows, 64 dims, 0.5% poisoned: a store + a mapper trained on its clean split."""
+    """20k rows, 256 dims, 0.5% poisoned: a store + a mapper trained on its clean split."""
     return _demo(tmp_path_factory, "small", 20_000, 0.005)
 
 
@@ -123,7 +123,7 @@ def test_fewer_poisons_than_q(tmp_path_factory):
 
 def test_invalid_rows_get_their_own_verdict(tmp_path, small):
     _, mapper = small
-    pairs = generate_pairs(rows=5000, dim=64, poison_rate=0.01, seed=1)
+    pairs = generate_pairs(rows=5000, dim=256, poison_rate=0.01, seed=1)
     image, text = pairs.image.copy(), pairs.text.copy()
     image[10] = np.nan
     text[20] = 0.0
@@ -198,6 +198,6 @@ def test_cli_errors(small, tmp_path):
         save_mapper(train_mapper_on_store(r, depth=1, epochs=1, progress=False), other / "m32.safetensors")
     fails([str(store_path), "--mapper", str(other / "m32.safetensors")], "m32")
     # an empty store
-    empty = EmbeddingStore.create(tmp_path / "empty.cfbd", 64, model="cfbd-fast-demo")
+    empty = EmbeddingStore.create(tmp_path / "empty.cfbd", 256, model="cfbd-fast-demo")
     empty.close()
     fails([str(tmp_path / "empty.cfbd"), "--mapper", str(mapper)], "empty")

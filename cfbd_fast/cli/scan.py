@@ -95,7 +95,7 @@ def format_summary(summary: dict) -> str:
              f"device {summary['device']}"]
     cluster = summary.get("cluster")
     if cluster is not None and not cluster["found"]:
-        lines.append("no backdoor cluster found: the seed captions are not coherent; nothing flagged")
+        lines.append(f"no backdoor cluster found: {cluster['reason']}; nothing flagged")
     elif cluster is not None:
         lines.append(f"backdoor cluster: {cluster['cluster_rows']} of {cluster['seed_rows']} seeds, caption "
                      f"coherence {cluster['cluster_coherence']:.3f} (random captions {cluster['null_coherence']:.3f})")

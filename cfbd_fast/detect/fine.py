@@ -31,5 +31,27 @@ def prune_to_cluster(seed_rows: np.ndarray, seed_captions: np.ndarray, null_cohe
     t = seed_captions / np.maximum(np.linalg.norm(seed_captions, axis=1, keepdims=True), 1e-12)
     sim = t @ t.T
     medoid = int(np.argmax(sim.sum(axis=1)))
-    relative = (sim[medoid] - null_coherence) / max(1.0 - null_coherence, 1e-9)
-    return relative >= min_relative
+    return relative_coherence(sim[medoid], null_coherence) >= min_relative
+
+
+def relative_coherence(coherence, null_coherence: float):
+    """Where a cosine lies between that of random rows (0) and identical rows (1)."""
+    return (coherence - null_coherence) / max(1.0 - null_coherence, 1e-9)
+
+
+def cluster_verdict(n_members: int, min_members: int, image_coherence: float, null_image_coherence: float,
+                    max_relative: float = 0.5) -> dict:
+    """Is the seed caption cluster a backdoor? The trigger-and-target poisoning CFBD addresses pairs one caption
+    with many unrelated images. A caption cluster whose images are near-identical too is a duplicate family
+    (a product shot with its shop's boilerplate), not a planted target: its members' images are compared with
+    random images on the same relative scale as the captions."""
+    relative_image = float(relative_coherence(image_coherence, null_image_coherence)) if n_members > 1 else 0.0
+    if n_members < min_members:
+        found, reason = False, f"only {n_members} seed captions agree (need {min_members})"
+    elif relative_image >= max_relative:
+        found, reason = False, (f"the {n_members} agreeing seed captions describe near-identical images "
+                                "(a duplicate family, not a trigger)")
+    else:
+        found, reason = True, f"{n_members} seed captions share one target over unrelated images"
+    return {"found": found, "reason": reason, "image_coherence": image_coherence,
+            "null_image_coherence": null_image_coherence, "relative_image_coherence": relative_image}
