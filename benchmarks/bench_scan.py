@@ -53,8 +53,13 @@ def prepare(data_dir: Path, rows: int, dim: int) -> tuple[Path, Path]:
 
 # -- the two pipelines, each run in a child process ----------------------------------------------------------
 def child_ours(store: str, mapper: str, device: str) -> dict:
+    """Two scans in one process: the first pays the numba JIT compile (reported as `cold_total`), the second
+    is the steady state a long-running service or a second store sees."""
     import cfbd_fast
 
+    t0 = time.perf_counter()
+    cfbd_fast.scan(store, mapper, method="cfbd-paper", q=Q, device=device)
+    cold = time.perf_counter() - t0
     t0 = time.perf_counter()
     summary = cfbd_fast.scan(store, mapper, method="cfbd-paper", q=Q, device=device).summary
     total = time.perf_counter() - t0
@@ -66,7 +71,7 @@ def child_ours(store: str, mapper: str, device: str) -> dict:
         "gmm": t.get("gmm", 0),
         "correlation": t.get("seeds", 0) + t.get("correlation", 0) + t.get("verdict", 0),
     }
-    return {"stages": stages, "total": total, "peak_rss_mb": child_peak_rss_mb()}
+    return {"stages": stages, "total": total, "cold_total": cold, "peak_rss_mb": child_peak_rss_mb()}
 
 
 def child_naive(store: str, mapper: str) -> dict:
@@ -98,13 +103,15 @@ def child_naive(store: str, mapper: str) -> dict:
 
     def unit(x):
         x = x.astype(np.float32)
-        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        x /= np.sqrt(np.einsum("ij,ij->i", x, x))[:, None]  # no (n, d) temporary for the norms
         return x
 
+    # float32 copies one at a time, so that 3M x 512 fits in 24 GB (peak: two float32 matrices + fp16 ones)
     img = unit(image)
     del image
     txt = unit(text)
     s_o = np.maximum(np.einsum("ij,ij->i", img, txt), 0)
+    del txt
     gen = unit(generated)
     del generated
     s_g = np.maximum(np.einsum("ij,ij->i", img, gen), 0)
@@ -119,6 +126,7 @@ def child_naive(store: str, mapper: str) -> dict:
 
     t0 = time.perf_counter()
     seeds = np.argsort(-c, kind="stable")[:Q]
+    txt = unit(text)
     z = txt @ txt[seeds].mean(axis=0)
     stages["correlation"] = time.perf_counter() - t0
     assert z.shape == c.shape
@@ -168,9 +176,13 @@ def main() -> None:
     records = []
     for rows in args.rows:
         store, mapper = prepare(args.dir, rows, args.dim)
-        run_child(__file__, "ours", str(store), str(mapper), args.device)  # warm the page cache and JIT caches
         ours = run_child(__file__, "ours", str(store), str(mapper), args.device)
-        naive = None if args.no_naive else run_child(__file__, "naive", str(store), str(mapper))
+        naive = None
+        if not args.no_naive:
+            try:
+                naive = run_child(__file__, "naive", str(store), str(mapper))
+            except RuntimeError as exc:  # e.g. killed for memory: report ours anyway
+                print(f"naive pipeline failed at {rows:,} rows: {exc}")
         table = []
         for stage in ours["stages"]:
             row = {"stage": stage, "ours_s": ours["stages"][stage]}
@@ -184,6 +196,7 @@ def main() -> None:
             row["naive_s"] = sum(v for k, v in naive["stages"].items() if k != "mapper")
             row["speedup"] = row["naive_s"] / row["ours_s"]
         table.append(row)
+        table.append({"stage": "total, first scan in a process (JIT compile)", "ours_s": ours["cold_total"]})
         row = {"stage": "total (wall)", "ours_s": ours["total"]}
         if naive:
             row.update(naive_s=naive["total"], speedup=naive["total"] / ours["total"])

@@ -1,4 +1,6 @@
-"""The CFBD pipeline (`cfbd_fast.scan`) over a store, out of core: mapper -> consistency -> GMM -> seeds -> correlation -> verdict.
+"""`cfbd_fast.scan`: the CFBD pipeline over a store, out of core.
+
+mapper -> consistency -> GMM -> seeds -> cluster test -> correlation -> score -> threshold -> verdict.
 
 Memory: one chunk of each matrix at a time plus O(N) float32 score arrays. `scan()` returns a `ScanResult`;
 `ScanResult.write(out_dir)` publishes scores.parquet, poisoned.txt, keep.txt, keep.parquet, invalid.txt and
@@ -26,14 +28,9 @@ from .store import EmbeddingStore
 
 METHODS = ("cfbd", "cfbd-paper", "coarse", "cosine", "safeclip")
 NEEDS_MAPPER = {"cfbd", "cfbd-paper", "coarse"}
-# Defaults per method; None in the user's options means "take the method's".
-_METHOD_DEFAULTS = {
-    "cfbd": {"seed_select": "dense", "score": "z-so"},
-    "cfbd-paper": {"seed_select": "top", "score": "z"},
-    "coarse": {"seed_select": "top", "score": "z"},
-    "cosine": {"seed_select": "top", "score": "z"},
-    "safeclip": {"seed_select": "top", "score": "z"},
-}
+# Defaults per method; None in the user's options means "take the method's". The paper's everywhere but cfbd.
+_PAPER_DEFAULTS = {"seed_select": "top", "score": "z"}
+_METHOD_DEFAULTS = {"cfbd": {"seed_select": "dense", "score": "z-so"}}
 DEFAULT_THRESHOLD_METHOD = "gap"
 SUBSETS = np.array(["benign", "seed", "suspicious", "invalid"])
 VERDICTS = np.array(["benign", "poisoned", "invalid"])
@@ -60,14 +57,16 @@ class ScanConfig:
     device: str = "cpu"
     seed: int = 0
     self_sample: int = 100_000
+    # --mapper self: a linear map (depth 1) fitted with small batches; seconds on a CPU for 100k rows
+    self_options: dict = field(default_factory=lambda: {"depth": 1, "batch_size": 256, "lr": 3e-3, "epochs": 3})
     knn_bank: int = 20_000
     knn_k: int = 10
 
     def resolved(self) -> "ScanConfig":
         if self.method not in METHODS:
             raise InputError(f"unknown method {self.method!r}: use one of {', '.join(METHODS)}")
-        defaults = _METHOD_DEFAULTS[self.method]
-        out = ScanConfig(**self.__dict__)
+        defaults = _METHOD_DEFAULTS.get(self.method, _PAPER_DEFAULTS)
+        out = ScanConfig(**{**self.__dict__, "self_options": dict(self.self_options)})
         out.seed_select = self.seed_select or defaults["seed_select"]
         out.score = self.score or defaults["score"]
         if out.seed_select not in ("top", "dense"):
@@ -90,7 +89,7 @@ class ScanConfig:
 class ScanResult:
     store_path: str
     row_id: np.ndarray
-    keys: np.ndarray  # object array of source keys
+    keys: "pa.Array"  # source keys (pyarrow strings, row-aligned)
     s_o: np.ndarray
     s_g: np.ndarray
     c: np.ndarray
@@ -124,7 +123,7 @@ class ScanResult:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         table = pa.table({
-            "row_id": self.row_id, "key": pa.array(self.keys, type=pa.string()),
+            "row_id": self.row_id, "key": self.keys,
             "s_o": self.s_o, "s_g": self.s_g, "c": self.c, "posterior": self.posterior,
             "subset": pa.array(SUBSETS[self.subset]).dictionary_encode(),
             "z": self.z, "score": self.score,
@@ -134,7 +133,7 @@ class ScanResult:
         for name, rows in (("poisoned.txt", self.poisoned_rows), ("keep.txt", self.kept_rows),
                            ("invalid.txt", self.invalid_rows)):
             with open(tmp / name, "w", encoding="utf-8") as fh:
-                fh.writelines(f"{k}\n" for k in self.keys[rows])
+                fh.writelines(f"{k}\n" for k in self.keys.take(rows).to_pylist())
         store = store or EmbeddingStore.open(self.store_path)
         pq.write_table(store.meta.take(pa.array(self.kept_rows)), tmp / "keep.parquet")
         (tmp / "summary.json").write_text(json.dumps(self.summary, indent=2, default=_json_default) + "\n")
@@ -179,7 +178,7 @@ def _resolve_mapper(mapper, store: EmbeddingStore, cfg: ScanConfig, progress: bo
         raise InputError(f"method {cfg.method} needs a mapping network: pass --mapper PATH, self or knn")
     if isinstance(mapper, (str, Path)) and str(mapper) == "self":
         m = mapper_mod.fit_self_mapper_on_store(store, sample=cfg.self_sample, seed=cfg.seed, device=cfg.device,
-                                                progress=progress)
+                                                progress=progress, **cfg.self_options)
         return m, "self:" + _digest(json.dumps(m.config, sort_keys=True, default=str))
     if isinstance(mapper, (str, Path)) and str(mapper) == "knn":
         m = mapper_mod.KnnMapper.from_store(store, bank=cfg.knn_bank, k=cfg.knn_k, seed=cfg.seed)
@@ -221,7 +220,7 @@ _LABEL_KEY_COLUMNS = ("key", "image_path", "image", "url")
 _LABEL_COLUMNS = ("is_poisoned", "label", "is_backdoor")
 
 
-def _load_labels(store: EmbeddingStore, labels_path: Path | None, keys: np.ndarray) -> np.ndarray | None:
+def _load_labels(store: EmbeddingStore, labels_path: Path | None, keys) -> np.ndarray | None:
     """Ground truth per row: from --labels (parquet/CSV: key + is_poisoned/label) or the store's is_poisoned."""
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -255,11 +254,10 @@ def _load_labels(store: EmbeddingStore, labels_path: Path | None, keys: np.ndarr
         raise InputError(f"{path}: needs a key column (key/image_path/image/url) and a label column "
                          f"(is_poisoned/label/is_backdoor); has {', '.join(table.column_names)}")
     label_keys = table.column(key_col).cast(pa.string())
-    idx = pc.index_in(pa.array(keys, type=pa.string()), value_set=label_keys).to_numpy(zero_copy_only=False)
+    idx = pc.index_in(keys, value_set=label_keys)
     values = np.asarray(table.column(label_col).cast(pa.int8()).fill_null(0).to_numpy(zero_copy_only=False)) != 0
-    found = ~np.isnan(idx.astype(np.float64)) if idx.dtype == object else idx >= 0
-    idx = np.where(found, idx, 0).astype(np.int64)
-    return np.where(found, values[idx], False)
+    found = np.asarray(idx.is_valid().to_numpy(zero_copy_only=False))  # keys without a label count as clean
+    return found & values[np.asarray(idx.fill_null(0).to_numpy(zero_copy_only=False), dtype=np.int64)]
 
 
 def scan(store: str | Path | EmbeddingStore, mapper=None, *, config: ScanConfig | None = None,
@@ -286,7 +284,7 @@ def scan(store: str | Path | EmbeddingStore, mapper=None, *, config: ScanConfig 
         raise InputError("--device cuda: no CUDA device is available; use --device cpu")
     device = torch.device(cfg.device)
     meta = store.meta
-    keys = np.asarray(meta.column("key").to_numpy(zero_copy_only=False), dtype=object)
+    keys = meta.column("key").combine_chunks()
     timer.add("open", time.perf_counter() - t_start)
 
     # -- mapper -----------------------------------------------------------------------------------------
@@ -302,14 +300,12 @@ def scan(store: str | Path | EmbeddingStore, mapper=None, *, config: ScanConfig 
     s_o = np.empty(n, dtype=np.float32)
     s_g = np.full(n, np.nan, dtype=np.float32)
     c = np.full(n, np.nan, dtype=np.float32)
-    invalid = np.zeros(n, dtype=bool)
     with progress_bar("consistency", n, enabled=progress) as bar, torch.no_grad():
         for chunk in store.iter_chunks(rows=cfg.chunk_rows, matrices=("image", "text")):
             lo, hi = chunk.start, chunk.stop
             t0 = time.perf_counter()
             img = as_tensor(chunk.image, "image").to(device, non_blocking=True)
             txt = as_tensor(chunk.text, "text").to(device, non_blocking=True)
-            bad = ops.row_health(img) | ops.row_health(txt)
             timer.sync()
             timer.add("read", time.perf_counter() - t0)
             if cfg.method in NEEDS_MAPPER:
@@ -325,11 +321,11 @@ def scan(store: str | Path | EmbeddingStore, mapper=None, *, config: ScanConfig 
             if cfg.method in NEEDS_MAPPER:
                 s_g[lo:hi] = sg.cpu().numpy()
                 c[lo:hi] = cc.cpu().numpy()
-            invalid[lo:hi] = bad.cpu().numpy() | np.isnan(s_o[lo:hi])
             timer.add("consistency", time.perf_counter() - t0)
             bar.advance(hi - lo)
-    if cfg.method in NEEDS_MAPPER:
-        invalid |= np.isnan(c)
+    # The consistency kernel returns NaN for every row that row_health() marks invalid (NaN/inf or zero norm
+    # in the image, the caption or the generated caption): no separate pass over the matrices.
+    invalid = np.isnan(c) if cfg.method in NEEDS_MAPPER else np.isnan(s_o)
     valid = ~invalid
     n_valid = int(valid.sum())
     if n_valid == 0:
@@ -405,21 +401,19 @@ def scan(store: str | Path | EmbeddingStore, mapper=None, *, config: ScanConfig 
 
         # -- verdict ------------------------------------------------------------------------------------
         t0 = time.perf_counter()
-        score = fine.fine_score(z, s_o, cfg.score)
-        score[invalid] = np.nan
-        benign_ref = valid & split.benign
-        estimates = threshold.all_estimates(score, reference=benign_ref, fpr=cfg.fpr, seed=cfg.seed)
-        thr = cfg.threshold if cfg.threshold is not None else estimates[cfg.threshold_method]
-        if cfg.method == "cfbd":
-            if found:
-                verdict[valid & (score > thr)] = V_POISONED
-        elif cfg.method == "cfbd-paper":
-            verdict[seed_rows] = V_POISONED
-            verdict[(subset == SUSPICIOUS) & (score > thr)] = V_POISONED
-        else:  # coarse: every row that is not confidently benign
-            score = c.copy()
-            thr = float("nan")
+        if cfg.method == "coarse":  # every row that is not confidently benign; c is the ranking
+            score, thr, estimates = c.copy(), float("nan"), {}
             verdict[(subset == SEED) | (subset == SUSPICIOUS)] = V_POISONED
+        else:
+            score = fine.fine_score(z, s_o, cfg.score)
+            score[invalid] = np.nan
+            estimates = threshold.all_estimates(score, reference=valid & split.benign, fpr=cfg.fpr, seed=cfg.seed)
+            thr = cfg.threshold if cfg.threshold is not None else estimates[cfg.threshold_method]
+            if cfg.method == "cfbd-paper":
+                verdict[seed_rows] = V_POISONED
+                verdict[(subset == SUSPICIOUS) & (score > thr)] = V_POISONED
+            elif found:
+                verdict[valid & (score > thr)] = V_POISONED
         timer.add("verdict", time.perf_counter() - t0)
         summary["gmm"] = split.gmm_summary()
     else:
@@ -450,7 +444,7 @@ def scan(store: str | Path | EmbeddingStore, mapper=None, *, config: ScanConfig 
         "store": {"path": str(store.path), "fingerprint": store.fingerprint, "rows": n, "dim": store.dim,
                   "dtype": str(store.dtype), "model": store.info.get("model")},
         "mapper": mapper_fp,
-        "seeds": {"rows": seed_rows.tolist(), "keys": keys[seed_rows].tolist()},
+        "seeds": {"rows": seed_rows.tolist(), "keys": keys.take(seed_rows).to_pylist()},
         "counts": {
             "subset": {name: int(np.sum(subset == i)) for i, name in enumerate(SUBSETS)},
             "verdict": {name: int(np.sum(verdict == i)) for i, name in enumerate(VERDICTS)},

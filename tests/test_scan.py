@@ -201,3 +201,14 @@ def test_cli_errors(small, tmp_path):
     empty = EmbeddingStore.create(tmp_path / "empty.cfbd", 256, model="cfbd-fast-demo")
     empty.close()
     fails([str(tmp_path / "empty.cfbd"), "--mapper", str(mapper)], "empty")
+
+
+@pytest.mark.parametrize("mapper", ["self", "knn"])
+def test_mappers_fitted_on_the_scanned_store(small, mapper):
+    """No clean reference set: the mapper comes from the scanned store itself."""
+    store_path, _ = small
+    result = scan(store_path, mapper)
+    s = result.summary
+    assert s["mapper"].startswith(f"{mapper}:")
+    assert s["cluster"]["found"], s["cluster"]
+    assert s["metrics"]["tpr"] >= 0.9 and s["metrics"]["fpr"] <= 0.002, s["metrics"]

@@ -35,10 +35,11 @@ def robust_z(score: np.ndarray, fpr: float) -> float:
 
 
 def largest_gap(score: np.ndarray, max_fraction: float = 0.05, min_above: int = 5) -> float:
-    s = np.sort(score[np.isfinite(score)])[::-1]
+    s = score[np.isfinite(score)]
     if len(s) <= min_above:
         return float("nan")
-    top = s[: max(min_above + 1, int(np.ceil(max_fraction * len(s))) + 1)]
+    m = min(len(s), max(min_above + 1, int(np.ceil(max_fraction * len(s))) + 1))
+    top = np.sort(np.partition(s, len(s) - m)[len(s) - m:])[::-1]  # the m largest, descending
     gaps = top[:-1] - top[1:]  # gaps[i] lies below the i + 1 highest scores
     gaps[: min_above - 1] = -np.inf
     i = int(np.argmax(gaps))
@@ -52,15 +53,19 @@ def mixture(score: np.ndarray, seed: int = 0) -> float:
     if len(s) < 2 or np.ptp(s) == 0:
         return float("nan")
     gmm = fit_gmm(s, k=2, seed=seed)
-    upper = int(np.argmax(gmm.means))
-    grid = np.sort(s)
-    post = gmm.posterior(grid, upper)
-    # the posterior of the upper component rises with the score above the lower mean: first crossing of 0.5
-    above = np.flatnonzero((post >= 0.5) & (grid >= float(np.min(gmm.means))))
-    if len(above) == 0:
-        return float(grid[-1])
-    i = int(above[0])
-    return float((grid[i] + grid[i - 1]) / 2.0) if i > 0 else float(grid[0])
+    lo, up = int(np.argmin(gmm.means)), int(np.argmax(gmm.means))
+    w, m, v = gmm.weights, gmm.means, gmm.variances
+    # log(w_up N(x; up)) - log(w_lo N(x; lo)) = a x^2 + b x + c: the posterior of `up` is 0.5 at its roots
+    a = 1 / (2 * v[lo]) - 1 / (2 * v[up])
+    b = m[up] / v[up] - m[lo] / v[lo]
+    c = m[lo] ** 2 / (2 * v[lo]) - m[up] ** 2 / (2 * v[up]) + np.log(w[up] / w[lo]) - 0.5 * np.log(v[up] / v[lo])
+    if abs(a) < 1e-12:
+        roots = [-c / b]
+    else:
+        disc = b * b - 4 * a * c
+        roots = [] if disc < 0 else [(-b - np.sqrt(disc)) / (2 * a), (-b + np.sqrt(disc)) / (2 * a)]
+    rising = [r for r in roots if r >= m[lo] and 2 * a * r + b > 0]  # where `up` starts to win
+    return float(min(rising)) if rising else float(s.max())
 
 
 def estimate(score: np.ndarray, method: str, *, reference: np.ndarray | None = None, fpr: float = 0.001,
