@@ -53,7 +53,7 @@ class ScanConfig:
     fpr: float = 0.001
     min_cluster: int = 5
     cluster_min_relative: float = 0.5
-    chunk_rows: int = 65536
+    chunk_rows: int = 16384  # rows streamed at a time: the working set, with the mapper's activations
     device: str = "cpu"
     seed: int = 0
     self_sample: int = 100_000

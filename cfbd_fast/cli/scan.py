@@ -63,7 +63,7 @@ def scan(
     fpr: Annotated[float, typer.Option(help="Target false-positive rate of the estimated threshold.")] = 0.001,
     labels: Annotated[Optional[Path], typer.Option(
         help="Ground truth: parquet/CSV with a key column and is_poisoned/label 0/1.")] = None,
-    chunk_rows: Annotated[int, typer.Option(help="Rows per streamed chunk.")] = 65536,
+    chunk_rows: Annotated[int, typer.Option(help="Rows per streamed chunk.")] = 16384,
     device: Annotated[Device, typer.Option(help="Where the mapper and kernels run.")] = Device.cpu,
     seed: Annotated[int, typer.Option(help="Random seed (GMM init, samples).")] = 0,
     quiet: Quiet = False,
