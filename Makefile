@@ -33,13 +33,19 @@ bench: build
 	$(BIN)/python benchmarks/bench_gmm.py
 	$(BIN)/python benchmarks/bench_scan.py
 
-# On a GPU machine with torch, triton, numba, pybind11 and cmake already installed (no registry needed).
+# On a GPU machine that has python3 with torch, triton, numba, pybind11 and cmake but no package registry.
+# Packages it lacks (pyarrow, ml_dtypes, safetensors, typer, rich, scikit-learn, pytest, ...) travel as
+# manylinux wheels for its Python in .whl/ (git-ignored) and are installed into GPU_SITE first.
+GPU_SITE ?= /tmp/cfbd-fast-site
+GPU_ENV   = PYTHONPATH=$(GPU_SITE) PYTHONUNBUFFERED=1
 gpu-bench:
-	python3 -m pip install --no-deps --no-build-isolation -e .
-	python3 -m pytest -m gpu -q
-	python3 benchmarks/bench_consistency.py --device cuda
-	python3 benchmarks/bench_correlation.py --device cuda
-	python3 benchmarks/bench_scan.py --device cuda --dim 1024 --rows 3000000 --no-naive
+	if ls .whl/*.whl >/dev/null 2>&1; then python3 -m pip install -q --no-index --no-deps --no-compile \
+		--upgrade --target $(GPU_SITE) .whl/*.whl; fi
+	$(GPU_ENV) python3 -m pip install --no-deps --no-build-isolation -e .
+	$(GPU_ENV) python3 -m pytest -m gpu -q
+	$(GPU_ENV) python3 benchmarks/bench_consistency.py --device cuda
+	$(GPU_ENV) python3 benchmarks/bench_correlation.py --device cuda
+	$(GPU_ENV) python3 benchmarks/bench_scan.py --device cuda --dim 1024 --rows 3000000 --no-naive
 
 clean:
 	rm -rf build *.egg-info cfbd_fast/_core*.so
