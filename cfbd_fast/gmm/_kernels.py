@@ -187,9 +187,14 @@ em_pass = njit(parallel=True, fastmath=_FAST)(_em_pass)
 em_pass_serial = njit(fastmath=_FAST, cache=True)(_em_pass)
 
 
+# What `evaluate` writes per sample.
+LOG_LIKELIHOOD, POSTERIOR, PROBA = 0, 1, 2
+
+
 @njit(parallel=True, fastmath=_FAST)
-def score_samples(x, half_table, log_coef, half_prec, means, out):
-    """out[i] <- log p(x_i)."""
+def evaluate(x, half_table, log_coef, half_prec, means, what, component, out):
+    """Per-sample results of a fitted mixture into `out` (n, m): LOG_LIKELIHOOD: out[i, 0] = log p(x_i);
+    POSTERIOR: out[i, 0] = p(component | x_i); PROBA: out[i, c] = p(c | x_i) for every component."""
     n = x.shape[0]
     k = means.shape[0]
     n_chunks = (n + CHUNK - 1) // CHUNK
@@ -200,45 +205,17 @@ def score_samples(x, half_table, log_coef, half_prec, means, out):
             count = min(BLOCK, stop - start)
             _load_block(x, start, count, half_table, values)
             _block_joint(values, count, log_coef, half_prec, means, joint, top, total, pow2_bits, pow2)
-            for j in range(count):
-                out[start + j] = top[j] + np.log(total[j])
-
-
-@njit(parallel=True, fastmath=_FAST)
-def posterior(x, half_table, log_coef, half_prec, means, component, out):
-    """out[i] <- p(component | x_i)."""
-    n = x.shape[0]
-    k = means.shape[0]
-    n_chunks = (n + CHUNK - 1) // CHUNK
-    for chunk in prange(n_chunks):
-        values, joint, top, total, pow2_bits, pow2 = _alloc_scratch(k)
-        stop = min((chunk + 1) * CHUNK, n)
-        for start in range(chunk * CHUNK, stop, BLOCK):
-            count = min(BLOCK, stop - start)
-            _load_block(x, start, count, half_table, values)
-            _block_joint(values, count, log_coef, half_prec, means, joint, top, total, pow2_bits, pow2)
+            if what == LOG_LIKELIHOOD:
+                for j in range(count):
+                    out[start + j, 0] = top[j] + np.log(total[j])
+                continue
             _block_responsibilities(joint, total, count)
             for j in range(count):
-                out[start + j] = joint[component, j]
-
-
-@njit(parallel=True, fastmath=_FAST)
-def predict_proba(x, half_table, log_coef, half_prec, means, out):
-    """out[i, c] <- p(c | x_i)."""
-    n = x.shape[0]
-    k = means.shape[0]
-    n_chunks = (n + CHUNK - 1) // CHUNK
-    for chunk in prange(n_chunks):
-        values, joint, top, total, pow2_bits, pow2 = _alloc_scratch(k)
-        stop = min((chunk + 1) * CHUNK, n)
-        for start in range(chunk * CHUNK, stop, BLOCK):
-            count = min(BLOCK, stop - start)
-            _load_block(x, start, count, half_table, values)
-            _block_joint(values, count, log_coef, half_prec, means, joint, top, total, pow2_bits, pow2)
-            _block_responsibilities(joint, total, count)
-            for j in range(count):
-                for c in range(k):
-                    out[start + j, c] = joint[c, j]
+                if what == POSTERIOR:
+                    out[start + j, 0] = joint[component, j]
+                else:
+                    for c in range(k):
+                        out[start + j, c] = joint[c, j]
 
 
 @njit(cache=True)

@@ -51,7 +51,7 @@ class GaussianMixture1D:
         """(n, k) float64 responsibilities p(component | x_i); each row sums to 1."""
         values, table = _as_kernel_input(x, check_finite=False)
         out = np.empty((values.shape[0], self.n_components))
-        _kernels.predict_proba(values, table, *self._log_terms(), out)
+        _kernels.evaluate(values, table, *self._log_terms(), _kernels.PROBA, 0, out)
         return out
 
     def posterior(self, x, component: int) -> np.ndarray:
@@ -59,16 +59,16 @@ class GaussianMixture1D:
         if not 0 <= component < self.n_components:
             raise InputError(f"component {component} is out of range: the mixture has {self.n_components} components")
         values, table = _as_kernel_input(x, check_finite=False)
-        out = np.empty(values.shape[0])
-        _kernels.posterior(values, table, *self._log_terms(), int(component), out)
-        return out
+        out = np.empty((values.shape[0], 1))
+        _kernels.evaluate(values, table, *self._log_terms(), _kernels.POSTERIOR, int(component), out)
+        return out[:, 0]
 
     def score_samples(self, x) -> np.ndarray:
         """(n,) float64 log-likelihood log p(x_i) of each sample."""
         values, table = _as_kernel_input(x, check_finite=False)
-        out = np.empty(values.shape[0])
-        _kernels.score_samples(values, table, *self._log_terms(), out)
-        return out
+        out = np.empty((values.shape[0], 1))
+        _kernels.evaluate(values, table, *self._log_terms(), _kernels.LOG_LIKELIHOOD, 0, out)
+        return out[:, 0]
 
     def mean_log_likelihood(self, x) -> float:
         """Mean log-likelihood per sample of `x` (scikit-learn's `score(X)`)."""
