@@ -99,6 +99,7 @@ class ScanResult:
     score: np.ndarray
     verdict: np.ndarray  # int8 codes into VERDICTS
     summary: dict = field(default_factory=dict)
+    store: EmbeddingStore | None = field(default=None, repr=False)  # the scanned store, for keep.parquet
 
     @property
     def poisoned_rows(self) -> np.ndarray:
@@ -112,7 +113,7 @@ class ScanResult:
     def invalid_rows(self) -> np.ndarray:
         return np.flatnonzero(self.verdict == V_INVALID)
 
-    def write(self, out_dir: str | Path, store: EmbeddingStore | None = None) -> Path:
+    def write(self, out_dir: str | Path) -> Path:
         """Publish the outputs in `out_dir`; every file appears complete or not at all."""
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -134,9 +135,9 @@ class ScanResult:
                            ("invalid.txt", self.invalid_rows)):
             with open(tmp / name, "w", encoding="utf-8") as fh:
                 fh.writelines(f"{k}\n" for k in self.keys.take(rows).to_pylist())
-        store = store or EmbeddingStore.open(self.store_path)
+        store = self.store or EmbeddingStore.open(self.store_path)
         pq.write_table(store.meta.take(pa.array(self.kept_rows)), tmp / "keep.parquet")
-        (tmp / "summary.json").write_text(json.dumps(self.summary, indent=2, default=_json_default) + "\n")
+        (tmp / "summary.json").write_text(json.dumps(self.summary, indent=2, default=json_default) + "\n")
         for f in sorted(tmp.iterdir()):
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -145,7 +146,8 @@ class ScanResult:
         return out
 
 
-def _json_default(o):
+def json_default(o):
+    """`json.dumps(default=...)` for the numpy scalars and arrays in a summary."""
     if isinstance(o, np.generic):
         return o.item()
     if isinstance(o, np.ndarray):
@@ -436,7 +438,8 @@ def scan(store: str | Path | EmbeddingStore, mapper=None, *, config: ScanConfig 
 
     elapsed = time.perf_counter() - t_start
     result = ScanResult(store_path=str(store.path), row_id=np.arange(n, dtype=np.int64), keys=keys, s_o=s_o,
-                        s_g=s_g, c=c, posterior=posterior, subset=subset, z=z, score=score, verdict=verdict)
+                        s_g=s_g, c=c, posterior=posterior, subset=subset, z=z, score=score, verdict=verdict,
+                        store=store)
     gt = _load_labels(store, labels, keys)
     summary.update({
         "cfbd_fast_version": __version__,

@@ -33,7 +33,7 @@ def demo(
     """Generate a demo dataset, train a mapping network on its clean split, scan it and report the metrics."""
     from ..demo import DEMO_MAPPER_OPTIONS, write_demo_stores
     from ..mapper import save_mapper, train_mapper_on_store
-    from ..pipeline import _json_default, scan
+    from ..pipeline import json_default, scan
     from ..store import EmbeddingStore
 
     progress = not quiet
@@ -65,7 +65,7 @@ def demo(
             runs[method] = other.summary
     if json_out:
         typer.echo(json.dumps({"params": params, "prepare_s": prepare_s, "runs": runs}, indent=2,
-                              default=_json_default))
+                              default=json_default))
         return
     typer.echo(f"demo data: {rows:,} pairs x {dim} dims, poison rate {poison_rate:g}, seed {seed} "
                f"({'reused' if reuse else 'generated'} with a trained mapper in {prepare_s:.1f}s) in {out}")

@@ -70,7 +70,7 @@ def scan(
     json_out: Json = False,
 ) -> None:
     """Scan STORE for backdoored pairs; write scores.parquet, poisoned.txt, keep.txt, keep.parquet, summary.json."""
-    from ..pipeline import _json_default, scan as run_scan
+    from ..pipeline import json_default, scan as run_scan
 
     result = run_scan(
         store, mapper, labels=labels, progress=not quiet, method=method.value, k=k, gamma=gamma, q=q,
@@ -82,7 +82,7 @@ def scan(
     result.write(out_dir)
     result.summary["out"] = str(out_dir)
     if json_out:
-        typer.echo(json.dumps(result.summary, indent=2, default=_json_default))
+        typer.echo(json.dumps(result.summary, indent=2, default=json_default))
     else:
         typer.echo(format_summary(result.summary))
 
