@@ -577,7 +577,9 @@ def _read_meta(path: Path, body: dict):
             raise StoreFormatError(f"{part_path}: corrupt metadata part (size or checksum differs from the commit "
                                    "record)")
         try:
-            table = pq.read_table(pa.BufferReader(data))
+            # No arrow thread pool for these small parts: its workers can outlive the interpreter and abort
+            # the process at exit (apache/arrow#34314).
+            table = pq.read_table(pa.BufferReader(data), use_threads=False)
         except (pa.ArrowException, OSError, ValueError) as exc:
             raise StoreFormatError(f"{part_path}: unreadable metadata part ({exc})") from None
         with_poison = "is_poisoned" in table.column_names
