@@ -16,6 +16,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -25,6 +26,9 @@ from .errors import InputError
 from .ops._dispatch import as_tensor
 from .progress import progress_bar
 from .store import EmbeddingStore
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 METHODS = ("cfbd", "cfbd-paper", "coarse", "cosine", "safeclip")
 NEEDS_MAPPER = {"cfbd", "cfbd-paper", "coarse"}

@@ -1,8 +1,10 @@
 """cfbd_fast.gmm against scikit-learn's GaussianMixture: exact EM parity, default-fit quality, determinism, inputs."""
 from __future__ import annotations
 
+import sys
 import tracemalloc
 import warnings
+from pathlib import Path
 
 import numba
 import numpy as np
@@ -13,17 +15,8 @@ from sklearn.mixture import GaussianMixture
 from cfbd_fast.errors import InputError
 from cfbd_fast.gmm import GaussianMixture1D, fit_gmm
 
-
-def consistency_like(n: int, seed: int) -> np.ndarray:
-    """The benchmark's mix (benchmarks/bench_gmm.py): a benign mode, a heavy tail, 0.1% high outliers; float32."""
-    rng = np.random.default_rng(seed)
-    n_benign, n_outliers = int(n * 0.9), max(n // 1000, 1)
-    x = np.concatenate([np.abs(rng.normal(0.02, 0.02, n_benign)),
-                        rng.exponential(0.08, n - n_benign - n_outliers),
-                        rng.normal(0.45, 0.04, n_outliers)])
-    x = np.clip(x, 0.0, 1.0).astype(np.float32)
-    rng.shuffle(x)
-    return x
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from bench_gmm import consistency_like  # noqa: E402  (the benchmark's own data, so the test covers it)
 
 
 def dataset(name: str, n: int, seed: int = 0) -> np.ndarray:
