@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-STORE_OPTIONS = {"rows": 6000, "dim": 64, "poison_rate": 0.01, "seed": 3, "reference_rows": 4000}
+STORE_OPTIONS = {"rows": 6000, "dim": 128, "poison_rate": 0.01, "seed": 3, "reference_rows": 4000}
 # Every option given explicitly, so that later changes of defaults do not move the recorded outputs.
 CASES = {
     "cfbd": {"method": "cfbd", "seed_select": "dense", "score": "z-so", "threshold_method": "gap"},
