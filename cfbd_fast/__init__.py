@@ -1,6 +1,7 @@
 """cfbd-fast: coarse-to-fine backdoor detection (CFBD) for image-caption datasets, at CC3M scale.
 
-Public API: EmbeddingStore, scan, ScanConfig, ops (consistency, seed_correlation, row_health), fit_gmm.
+Public API: EmbeddingStore, scan, ScanConfig, ScanResult, load_mapper, ops (consistency, seed_correlation,
+invalid_rows), fit_gmm.
 Heavy parts (torch, numba) load on first use, so `import cfbd_fast` stays fast.
 """
 from importlib import import_module
@@ -13,6 +14,7 @@ _LAZY = {
     "scan": ("pipeline", "scan"),
     "ScanConfig": ("pipeline", "ScanConfig"),
     "ScanResult": ("pipeline", "ScanResult"),
+    "load_mapper": ("mapper", "load_mapper"),
     "fit_gmm": ("gmm", "fit_gmm"),
     "ops": ("ops", None),
 }

@@ -101,11 +101,12 @@ def train_mapper(image, text, *, depth: int = 2, hidden: int = 1024, loss: str =
                  batch_size: int = 4096, lr: float = 1e-3, val_fraction: float = 0.05, patience: int = 3,
                  seed: int = 0, device: str | torch.device = "cpu", progress: bool = False, model: str | None = None,
                  pretrained: str | None = None, normalized: bool | None = None,
-                 max_rows: int | None = None) -> MLPMapper:
+                 max_rows: int | None = None, rows: np.ndarray | None = None) -> MLPMapper:
     """Trains an MLP from image to caption embeddings on (n, dim) arrays, with early stopping on a validation split.
 
-    Rows are read per batch, so read-only fp16 memmaps of any size work. The same seed gives the same mapper.
-    Returns the weights of the best validation epoch (on CPU).
+    Rows are read per batch, so read-only fp16 memmaps of any size work; `rows` restricts training to those row
+    ids (the valid ones). The same seed gives the same mapper. Returns the weights of the best validation epoch
+    (on CPU); raises InputError when no epoch improved on the untrained network.
     """
     n, in_dim, out_dim = _check_pairs(image, text)
     if loss not in LOSSES:
@@ -115,11 +116,13 @@ def train_mapper(image, text, *, depth: int = 2, hidden: int = 1024, loss: str =
     if not 0.0 < val_fraction < 1.0:
         raise InputError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
     rng = np.random.default_rng(seed)
-    rows = np.arange(n)
-    if max_rows is not None and max_rows < n:
+    rows = np.arange(n) if rows is None else np.asarray(rows, dtype=np.int64)
+    if len(rows) < 2:
+        raise InputError(f"a mapper needs at least 2 valid training pairs, got {len(rows)}")
+    if max_rows is not None and max_rows < len(rows):
         if max_rows < 2:
             raise InputError(f"max_rows must be at least 2, got {max_rows}")
-        rows = np.sort(rng.choice(n, size=max_rows, replace=False))
+        rows = np.sort(rows[rng.choice(len(rows), size=max_rows, replace=False)])
     rows = rows[rng.permutation(len(rows))]
     val_count = min(max(1, int(round(len(rows) * val_fraction))), len(rows) - 1)
     val_rows, train_rows = np.sort(rows[:val_count]), rows[val_count:]
@@ -158,23 +161,15 @@ def train_mapper(image, text, *, depth: int = 2, hidden: int = 1024, loss: str =
                 stale += 1
                 if stale >= patience:
                     break
+    if best_epoch == 0:
+        raise InputError(f"the mapper did not learn: validation loss {initial_loss:.4f} never improved in "
+                         f"{epochs_run} epochs; check the embeddings (NaN rows, image and caption matrices "
+                         f"swapped or unrelated) or lower the learning rate")
     mapper.load_state_dict(best_state)
     mapper.config.update(train_rows=int(len(train_rows)), val_rows=int(val_count), initial_val_loss=initial_loss,
                          val_loss=best_loss, best_epoch=best_epoch, epochs_run=epochs_run,
                          stopped_early=epochs_run < epochs, seed=seed, lr=lr, batch_size=batch_size)
     return mapper.cpu().eval()
-
-
-def _store_identity(store) -> dict:
-    info = store.info
-    return {"model": info.get("model"), "pretrained": info.get("pretrained"), "normalized": info.get("normalized")}
-
-
-def train_mapper_on_store(store, **options) -> MLPMapper:
-    """`train_mapper` on a store's image and text matrices, recording the store's embedding model."""
-    if len(store) < 2:
-        raise InputError(f"store {getattr(store, 'path', '')} holds {len(store)} rows: a mapper needs at least 2")
-    return train_mapper(store.image, store.text, **{**_store_identity(store), **options})
 
 
 def _per_row_cosine(mapper: MLPMapper, image, text, rows: np.ndarray, batch_size: int = 8192) -> np.ndarray:
@@ -214,13 +209,6 @@ def fit_self_mapper(image, text, *, sample: int = 100_000, trim: float = 0.05, r
     return mapper
 
 
-def fit_self_mapper_on_store(store, **options) -> MLPMapper:
-    """`fit_self_mapper` on a store, recording the store's embedding model."""
-    if len(store) < 2:
-        raise InputError(f"store {getattr(store, 'path', '')} holds {len(store)} rows: a mapper needs at least 2")
-    return fit_self_mapper(store.image, store.text, **{**_store_identity(store), **options})
-
-
 class KnnMapper:
     """F(I) = mean of the k captions in a bank nearest (by cosine) to I, leaving out the pair's own caption.
 
@@ -246,17 +234,6 @@ class KnnMapper:
         self.config = {"kind": "knn", "format": MAPPER_FORMAT, "in_dim": bank_text.shape[1],
                        "out_dim": bank_text.shape[1], "k": k, "bank": len(bank_rows), "model": model,
                        "pretrained": pretrained, "normalized": normalized}
-
-    @classmethod
-    def from_store(cls, store, bank: int = 20_000, k: int = 10, seed: int = 0) -> "KnnMapper":
-        """A bank of up to `bank` captions sampled from the store (rows read in sorted order)."""
-        if len(store) < 2:
-            raise InputError(f"store {getattr(store, 'path', '')} holds {len(store)} rows: kNN needs at least 2")
-        rows = np.sort(np.random.default_rng(seed).choice(len(store), size=min(bank, len(store)), replace=False))
-        text = store.text
-        bank_text = np.concatenate([np.asarray(text[rows[i:i + 65536]], dtype=np.float32)
-                                    for i in range(0, len(rows), 65536)])
-        return cls(bank_text, rows, k=min(k, len(rows) - 1), **_store_identity(store))
 
     def to(self, device) -> "KnnMapper":
         self.bank = self.bank.to(device)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-SCORES = ("z-so", "z")
+from .seeds import mean_pairwise_cosine
 
 
 def fine_score(z: np.ndarray, s_o: np.ndarray, kind: str) -> np.ndarray:
@@ -12,9 +12,7 @@ def fine_score(z: np.ndarray, s_o: np.ndarray, kind: str) -> np.ndarray:
     (high z, low s_o)."""
     if kind == "z":
         return z.astype(np.float32, copy=True)
-    if kind == "z-so":
-        return (z - s_o).astype(np.float32)
-    raise ValueError(f"unknown fine-stage score {kind!r}: use one of {', '.join(SCORES)}")
+    return (z - s_o).astype(np.float32)
 
 
 def prune_to_cluster(seed_rows: np.ndarray, seed_captions: np.ndarray, null_coherence: float,
@@ -55,3 +53,24 @@ def cluster_verdict(n_members: int, min_members: int, image_coherence: float, nu
         found, reason = True, f"{n_members} seed captions share one target over unrelated images"
     return {"found": found, "reason": reason, "image_coherence": image_coherence,
             "null_image_coherence": null_image_coherence, "relative_image_coherence": relative_image}
+
+
+def find_backdoor_cluster(seed_rows: np.ndarray, seed_captions: np.ndarray, seed_images: np.ndarray,
+                          null_coherence: float, null_image_coherence: float, min_members: int,
+                          max_relative: float = 0.5) -> tuple[np.ndarray, dict]:
+    """Examine the seed set's caption clusters, densest first, until one is a backdoor; duplicate families are
+    set aside. Returns the rows of the last cluster examined and its verdict (`found`, `reason`, ...)."""
+    remaining = np.arange(len(seed_rows))
+    examined = 0
+    while True:
+        in_cluster = prune_to_cluster(seed_rows[remaining], seed_captions[remaining], null_coherence, max_relative)
+        members = remaining[in_cluster]
+        examined += 1
+        info = cluster_verdict(n_members=len(members), min_members=min_members,
+                               image_coherence=mean_pairwise_cosine(seed_images[members]),
+                               null_image_coherence=null_image_coherence, max_relative=max_relative)
+        remaining = remaining[~in_cluster]
+        if info["found"] or len(members) < min_members or len(remaining) == 0:
+            break
+    info["clusters_examined"] = examined
+    return seed_rows[members], info

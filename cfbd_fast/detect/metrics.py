@@ -1,50 +1,27 @@
-"""Detection quality against ground truth: TPR, FPR, precision, AUROC, AUPRC, TPR at a fixed FPR."""
+"""Detection quality against ground truth: TPR, FPR, precision, AUROC, AUPRC (scikit-learn), TPR at a fixed FPR."""
 from __future__ import annotations
 
 import numpy as np
 
 
-def _rank_average(x: np.ndarray) -> np.ndarray:
-    """1-based ranks with ties sharing their average rank (as scipy.stats.rankdata(method='average'))."""
-    order = np.argsort(x, kind="stable")
-    xs = x[order]
-    boundaries = np.flatnonzero(np.diff(xs)) + 1
-    starts = np.concatenate(([0], boundaries))
-    ends = np.concatenate((boundaries, [len(xs)]))
-    avg = (starts + ends + 1) / 2.0  # mean of ranks starts+1 .. ends
-    ranks = np.empty(len(x), dtype=np.float64)
-    ranks[order] = np.repeat(avg, ends - starts)
-    return ranks
-
-
 def auroc(labels: np.ndarray, score: np.ndarray) -> float:
-    """Area under the ROC curve (Mann-Whitney U with tie correction); NaN when one class is absent."""
+    """Area under the ROC curve; NaN when one class is absent."""
+    from sklearn.metrics import roc_auc_score
+
     labels = np.asarray(labels, dtype=bool)
-    n_pos = int(labels.sum())
-    n_neg = len(labels) - n_pos
-    if n_pos == 0 or n_neg == 0:
+    if labels.all() or not labels.any():
         return float("nan")
-    ranks = _rank_average(np.asarray(score, dtype=np.float64))
-    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+    return float(roc_auc_score(labels, np.asarray(score, dtype=np.float64)))
 
 
 def auprc(labels: np.ndarray, score: np.ndarray) -> float:
-    """Average precision (the step-wise area under the precision-recall curve, as scikit-learn defines it)."""
+    """Average precision (the step-wise area under the precision-recall curve); NaN without positives."""
+    from sklearn.metrics import average_precision_score
+
     labels = np.asarray(labels, dtype=bool)
-    n_pos = int(labels.sum())
-    if n_pos == 0:
+    if not labels.any():
         return float("nan")
-    score = np.asarray(score, dtype=np.float64)
-    order = np.argsort(-score, kind="stable")
-    s, y = score[order], labels[order]
-    # one point per distinct threshold: the last index of each run of equal scores
-    last = np.concatenate((np.flatnonzero(np.diff(s)), [len(s) - 1]))
-    tp = np.cumsum(y)[last]
-    fp = (last + 1) - tp
-    precision = tp / (tp + fp)
-    recall = tp / n_pos
-    recall_prev = np.concatenate(([0.0], recall[:-1]))
-    return float(np.sum((recall - recall_prev) * precision))
+    return float(average_precision_score(labels, np.asarray(score, dtype=np.float64)))
 
 
 def tpr_at_fpr(labels: np.ndarray, score: np.ndarray, fpr: float) -> float:
@@ -67,6 +44,7 @@ def detection_metrics(labels: np.ndarray, flagged: np.ndarray, score: np.ndarray
     labels = np.asarray(labels, dtype=bool)
     flagged = np.asarray(flagged, dtype=bool)
     score = np.where(np.isfinite(score), score, -np.inf).astype(np.float64)
+    score = np.where(np.isfinite(score), score, np.min(score[np.isfinite(score)], initial=0.0) - 1.0)
     tp = int(np.sum(flagged & labels))
     fp = int(np.sum(flagged & ~labels))
     n_pos, n_neg = int(labels.sum()), int((~labels).sum())

@@ -6,8 +6,6 @@ Ties are broken by row id, so the choice never depends on chunk size or thread c
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import numpy as np
 
 
@@ -50,17 +48,18 @@ def dense_rows(candidates: np.ndarray, captions: np.ndarray, q: int, neighbours:
     return candidates[order][:q]
 
 
-def select_seeds(c: np.ndarray, valid: np.ndarray, q: int, mode: str = "top",
-                 captions_of: Callable[[np.ndarray], np.ndarray] | None = None,
-                 pool: int | None = None, neighbours: int = 10) -> np.ndarray:
-    """Seed rows by `mode` ("top" or "dense"). `captions_of(rows)` returns caption embeddings for sorted row ids."""
+def candidate_rows(c: np.ndarray, valid: np.ndarray, q: int, mode: str) -> np.ndarray:
+    """Rows the seed set is chosen from, sorted: the top q by c for `top`, the top max(20q, 1000) for `dense`."""
+    pool = q if mode == "top" else max(20 * q, 1000)
+    return np.sort(top_rows(c, valid, pool))
+
+
+def select_seeds(candidates: np.ndarray, c: np.ndarray, candidate_captions: np.ndarray, q: int, mode: str,
+                 neighbours: int = 10) -> np.ndarray:
+    """The seed set among `candidates` (from `candidate_rows`; captions in the same order) by `mode`."""
     if mode == "top":
-        return top_rows(c, valid, q)
-    if mode != "dense":
-        raise ValueError(f"unknown seed selection {mode!r}: use 'top' or 'dense'")
-    pool = pool or max(20 * q, 1000)
-    cand = np.sort(top_rows(c, valid, pool))
-    return dense_rows(cand, captions_of(cand), q, neighbours)
+        return candidates[np.lexsort((candidates, -c[candidates]))][:q]
+    return dense_rows(candidates, candidate_captions, q, neighbours)
 
 
 def mean_pairwise_cosine(x: np.ndarray) -> float:

@@ -15,9 +15,6 @@ from statistics import NormalDist
 
 import numpy as np
 
-ESTIMATORS = ("null-quantile", "robust-z", "gap", "mixture")
-
-
 def null_quantile(score: np.ndarray, reference: np.ndarray, fpr: float) -> float:
     ref = score[reference & np.isfinite(score)]
     if len(ref) == 0:
@@ -68,22 +65,22 @@ def mixture(score: np.ndarray, seed: int = 0) -> float:
     return float(min(rising)) if rising else float(s.max())
 
 
+_ESTIMATE = {
+    "null-quantile": lambda score, reference, fpr, seed: null_quantile(score, reference, fpr),
+    "robust-z": lambda score, reference, fpr, seed: robust_z(score, fpr),
+    "gap": lambda score, reference, fpr, seed: largest_gap(score),
+    "mixture": lambda score, reference, fpr, seed: mixture(score, seed=seed),
+}
+
+
 def estimate(score: np.ndarray, method: str, *, reference: np.ndarray | None = None, fpr: float = 0.001,
              seed: int = 0) -> float:
-    """One threshold by `method` (see the module docstring)."""
-    if method == "null-quantile":
-        if reference is None:
-            reference = np.ones(len(score), dtype=bool)
-        return null_quantile(score, reference, fpr)
-    if method == "robust-z":
-        return robust_z(score, fpr)
-    if method == "gap":
-        return largest_gap(score)
-    if method == "mixture":
-        return mixture(score, seed=seed)
-    raise ValueError(f"unknown threshold estimator {method!r}: use one of {', '.join(ESTIMATORS)}")
+    """One threshold by `method` (see the module docstring); `reference` defaults to every row."""
+    if reference is None:
+        reference = np.ones(len(score), dtype=bool)
+    return float(_ESTIMATE[method](score, reference, fpr, seed))
 
 
-def all_estimates(score: np.ndarray, *, reference: np.ndarray | None, fpr: float, seed: int = 0) -> dict:
-    """Every estimator's threshold, for the summary (so users can see how much the choice matters)."""
-    return {m: estimate(score, m, reference=reference, fpr=fpr, seed=seed) for m in ESTIMATORS}
+def all_estimates(score: np.ndarray, methods, *, reference: np.ndarray | None, fpr: float, seed: int = 0) -> dict:
+    """Each named estimator's threshold, for the summary (so users can see how much the choice matters)."""
+    return {m: estimate(score, m, reference=reference, fpr=fpr, seed=seed) for m in methods}

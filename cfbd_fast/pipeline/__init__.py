@@ -1,0 +1,146 @@
+"""`cfbd_fast.scan`: the CFBD pipeline over a store, out of core, behind one boundary that checks its input.
+
+options (the choices) -> source (the one reader) -> stages (pure array stages) -> publish (the one writer).
+Memory: one chunk of each matrix at a time plus O(N) float32 score arrays.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..errors import InputError
+from ..provenance import device_name, versions
+from ..threads import configure_threads
+from . import stages
+from .options import METHODS, ScanConfig
+from .publish import json_default, write_outputs
+from .source import ChunkSource
+from .stages import SUBSETS, V_BENIGN, V_INVALID, V_POISONED, VERDICTS
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+__all__ = ["scan", "ScanConfig", "ScanResult", "METHODS", "SUBSETS", "VERDICTS", "V_BENIGN", "V_POISONED",
+           "V_INVALID", "json_default"]
+
+
+@dataclass
+class ScanResult:
+    """Per-row scores and verdicts of one scan, its summary, and the scanned rows' metadata."""
+    store_path: str
+    row_id: np.ndarray
+    keys: "pa.Array"  # source keys (pyarrow strings, row-aligned; row ids where the store has none)
+    s_o: np.ndarray
+    s_g: np.ndarray
+    c: np.ndarray
+    posterior: np.ndarray
+    subset: np.ndarray  # int8 codes into SUBSETS
+    z: np.ndarray
+    score: np.ndarray
+    verdict: np.ndarray  # int8 codes into VERDICTS
+    summary: dict = field(default_factory=dict)
+    meta: "pa.Table" = field(default=None, repr=False)  # the store's metadata, row-aligned
+
+    @property
+    def poisoned_rows(self) -> np.ndarray:
+        return np.flatnonzero(self.verdict == V_POISONED)
+
+    @property
+    def kept_rows(self) -> np.ndarray:
+        return np.flatnonzero(self.verdict == V_BENIGN)
+
+    @property
+    def invalid_rows(self) -> np.ndarray:
+        return np.flatnonzero(self.verdict == V_INVALID)
+
+    def write(self, out_dir: str | Path) -> Path:
+        """Publish the outputs in `out_dir`; every file appears complete or not at all."""
+        return write_outputs(self, out_dir)
+
+
+def scan(store, mapper=None, *, config: ScanConfig | None = None, labels: str | Path | None = None,
+         progress: bool = False, **options) -> ScanResult:
+    """Run a detection method over every row of `store` (a path or an EmbeddingStore) and return per-row scores
+    and verdicts.
+
+    `mapper`: a mapper file (safetensors + JSON written by `train-mapper`), "self", "knn" or an object with
+    `.map(image, rows)`. Options are ScanConfig fields (method, components, gamma, seed_set_size, seed_select,
+    reduce, score, threshold, threshold_method, fpr, device, random_seed, threads, ...); the paper's names q, k and
+    seed are accepted too. Every option is checked here, once; bad input raises InputError.
+    """
+    import torch
+
+    if config is not None and options:
+        raise InputError("pass either config= or keyword options, not both")
+    cfg = (config or ScanConfig.from_options(**options)).validated()
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"device {cfg.device!r}: no CUDA device is available; use device='cpu'")
+    if cfg.spec.needs_mapper and mapper is None:
+        raise InputError(f"method {cfg.method} needs a mapping network: give a mapper file, 'self' or 'knn'")
+    if mapper is not None and not isinstance(mapper, (str, Path)) and not hasattr(mapper, "map"):
+        raise InputError("mapper must be a path, 'self', 'knn' or an object with .map(image, rows)")
+    threads = configure_threads(cfg.threads)
+    t_start = time.perf_counter()
+    timer = stages.Timer(cfg.device)
+    source = ChunkSource(store)
+    if cfg.spec.needs_mapper and cfg.seed_set_size > source.rows:
+        raise InputError(f"--seed-set-size {cfg.seed_set_size} is larger than the store ({source.rows} rows): "
+                         "lower it")
+    truth = source.labels(labels)  # resolved before any scoring
+    timer.add("open", time.perf_counter() - t_start)
+
+    mapper_fp = None
+    if cfg.spec.needs_mapper:
+        t0 = time.perf_counter()
+        mapper, mapper_fp = stages.resolve_mapper(mapper, source, cfg, progress)
+        if hasattr(mapper, "to"):
+            mapper = mapper.to(torch.device(cfg.device))
+        timer.add("mapper_fit", time.perf_counter() - t0)
+
+    s = stages.consistency_pass(source, mapper, cfg, timer, progress)
+    if cfg.spec.needs_mapper:
+        split = stages.coarse_stage(s, cfg, source, timer)
+        corr_captions = stages.seed_stage(s, cfg, source, timer)
+        stages.correlation_pass(s, corr_captions, cfg, source, timer, progress)
+        threshold = stages.cfbd_verdict(s, split, cfg, timer)
+    else:
+        threshold = stages.baseline_verdict(s, cfg, timer)
+
+    elapsed = time.perf_counter() - t_start
+    summary = _summary(s, cfg, source, labels, truth, mapper_fp, threshold, timer, elapsed, threads)
+    return ScanResult(store_path=str(source.path), row_id=np.arange(source.rows, dtype=np.int64), keys=source.keys,
+                      s_o=s.s_o, s_g=s.s_g, c=s.c, posterior=s.posterior, subset=s.subset, z=s.z, score=s.score,
+                      verdict=s.verdict, summary=summary, meta=source.meta)
+
+
+def _summary(s, cfg: ScanConfig, source: ChunkSource, labels, truth, mapper_fp, threshold: dict, timer,
+             elapsed: float, threads: int) -> dict:
+    from ..detect import metrics
+
+    summary = dict(s.summary)
+    summary.update({
+        "config": {**cfg.as_dict(), "labels": str(labels) if labels else None},
+        "store": source.identity,
+        "mapper": mapper_fp,
+        "seeds": {"rows": s.seed_rows.tolist(), "keys": source.keys.take(s.seed_rows).to_pylist()},
+        "counts": {
+            "subset": {str(name): int(np.sum(s.subset == i)) for i, name in enumerate(SUBSETS)},
+            "verdict": {str(name): int(np.sum(s.verdict == i)) for i, name in enumerate(VERDICTS)},
+        },
+        "threshold": threshold,
+        "timings_s": {k: round(v, 4) for k, v in timer.stages.items()} | {"total": round(elapsed, 4)},
+        "rows_per_s": source.rows / elapsed if elapsed > 0 else None,
+        "device": device_name(cfg.device),
+        "threads": threads,
+        "versions": versions(),
+    })
+    if truth is not None:
+        valid = s.valid
+        summary["metrics"] = metrics.detection_metrics(truth[valid], s.verdict[valid] == V_POISONED, s.score[valid])
+        if len(s.seed_rows):
+            summary["metrics"]["seed_precision"] = float(truth[s.seed_rows].mean())
+    return summary

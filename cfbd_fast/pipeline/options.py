@@ -1,0 +1,161 @@
+"""The one list of scan choices: methods, scores, estimators, reductions, seed selectors, their defaults and help.
+
+The CLI builds its choices and help text from these declarations and `ScanConfig.validated()` is the one place
+that checks a configuration; every stage after it trusts its input. A new method is one `Method` entry.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+
+from ..errors import InputError
+
+
+@dataclass(frozen=True)
+class Method:
+    """A detection method as a declarative record: which seeds, which score, which verdict rule."""
+    name: str
+    help: str
+    needs_mapper: bool
+    seed_select: str | None = None  # default seed selector (None: no seed set)
+    score: str | None = None  # default fine-stage score; for baselines the score they compute
+    verdict: str = "threshold"  # see VERDICT_RULES
+
+
+VERDICT_RULES = {
+    "clusters": "rows above the threshold, only when the seed set holds a backdoor cluster",
+    "paper": "the seed set, plus suspicious rows above the threshold (the paper's rule)",
+    "coarse": "every row that the coarse stage does not call benign",
+    "threshold": "rows whose score is above the threshold",
+}
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("cfbd", "CFBD with dense seeds, a backdoor-cluster test and the score z - s_o", True,
+           seed_select="dense", score="z-so", verdict="clusters"),
+    Method("cfbd-paper", "CFBD as the paper states it: top-q seeds, the score z", True,
+           seed_select="top", score="z", verdict="paper"),
+    Method("coarse", "the coarse stage alone: flag all that the GMM does not call benign", True,
+           seed_select="top", score="z", verdict="coarse"),
+    Method("cosine", "baseline: CLIP-score filtering, score 1 - s_o", False, score="cosine"),
+    Method("safeclip", "baseline: SafeCLIP's 2-component GMM on s_o", False, score="safeclip"),
+)}
+
+SEED_SELECTORS = {
+    "top": "the q rows with the largest c (the paper)",
+    "dense": "among the top 20q rows by c, the q whose captions agree most with each other",
+}
+SCORES = {
+    "z-so": "z minus the pair's own s_o (keeps genuine target-class pairs out)",
+    "z": "the paper's textual correlation with the seed captions",
+}
+REDUCTIONS = {
+    "mean": "mean cosine to the seed captions (the paper)",
+    "max": "largest cosine to a seed caption",
+    "topk": "mean of the --topk largest cosines",
+}
+THRESHOLD_METHODS = {
+    "gap": "the widest gap in the top 5% of scores",
+    "robust-z": "median + z(1 - fpr) x 1.4826 MAD over all rows",
+    "null-quantile": "the (1 - fpr) quantile over the coarse benign subset",
+    "mixture": "where a 2-component GMM on the score turns to its upper component",
+}
+DEVICES = {"cpu": "the CPU path (torch blocks over threads)", "cuda": "the Triton kernels on a CUDA device"}
+
+# Old keyword names of scan() still accepted: the paper's symbols.
+ALIASES = {"q": "seed_set_size", "k": "components", "seed": "random_seed"}
+
+
+@dataclass
+class ScanConfig:
+    """Every scan option. `method` decides `seed_select` and `score` when they are None."""
+    method: str = "cfbd"
+    components: int = 5  # the paper's K
+    gamma: float = 0.9
+    seed_set_size: int = 50  # the paper's q
+    seed_select: str | None = None
+    reduce: str = "mean"
+    topk: int = 5
+    score: str | None = None
+    threshold: float | None = None
+    threshold_method: str = "gap"
+    fpr: float = 0.001
+    min_cluster: int = 5
+    cluster_min_relative: float = 0.5
+    chunk_rows: int = 16384  # rows streamed at a time: the working set, with the mapper's activations
+    device: str = "cpu"
+    random_seed: int = 0
+    threads: int | None = None  # torch/numba threads; None: from the available cores and the machine's load
+    self_sample: int = 100_000
+    # --mapper self: a linear map (depth 1) fitted with small batches; seconds on a CPU for 100k rows
+    self_options: dict = field(default_factory=lambda: {"depth": 1, "batch_size": 256, "lr": 3e-3, "epochs": 3})
+    knn_bank: int = 20_000
+    knn_neighbours: int = 10
+
+    @classmethod
+    def from_options(cls, **options) -> "ScanConfig":
+        """A config from keyword options (old names such as q, k and seed accepted); unknown names refused."""
+        names = {f.name for f in fields(cls)}
+        out = {}
+        for key, value in options.items():
+            key = ALIASES.get(key, key)
+            if key not in names:
+                raise InputError(f"unknown scan option {key!r}: use one of {', '.join(sorted(names))}")
+            out[key] = value
+        return cls(**out)
+
+    @property
+    def spec(self) -> Method:
+        return METHODS[self.method]
+
+    def validated(self) -> "ScanConfig":
+        """The checked config with the method's defaults filled in; raises InputError naming the option."""
+        _choice("method", self.method, METHODS)
+        method = METHODS[self.method]
+        out = replace(self, self_options=dict(self.self_options),
+                      seed_select=self.seed_select or method.seed_select or "top",
+                      score=self.score or method.score)
+        _choice("seed_select", out.seed_select, SEED_SELECTORS)
+        if method.needs_mapper:
+            _choice("score", out.score, SCORES)
+        _choice("reduce", out.reduce, REDUCTIONS)
+        _choice("threshold_method", out.threshold_method, THRESHOLD_METHODS)
+        _choice("device", out.device.split(":")[0], DEVICES)
+        _at_least("components", out.components, 1)
+        _at_least("seed_set_size", out.seed_set_size, 1)
+        _at_least("topk", out.topk, 1)
+        _at_least("min_cluster", out.min_cluster, 1)
+        _at_least("chunk_rows", out.chunk_rows, 1)
+        _at_least("self_sample", out.self_sample, 2)
+        _at_least("knn_bank", out.knn_bank, 2)
+        _at_least("knn_neighbours", out.knn_neighbours, 1)
+        if out.threads is not None:
+            _at_least("threads", out.threads, 1)
+        _open_unit("gamma", out.gamma)
+        _open_unit("fpr", out.fpr)
+        _open_unit("cluster_min_relative", out.cluster_min_relative)
+        if out.threshold is not None and not math.isfinite(out.threshold):
+            raise InputError(f"{option_name('threshold')} must be a finite number, got {out.threshold}")
+        return out
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def option_name(field_name: str) -> str:
+    """How users spell a config field on the command line."""
+    return "--" + field_name.replace("_", "-")
+
+
+def _choice(name: str, value, choices: dict) -> None:
+    if value not in choices:
+        raise InputError(f"{option_name(name)} {value!r} is not a choice: use one of {', '.join(choices)}")
+
+
+def _at_least(name: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise InputError(f"{option_name(name)} must be an integer of at least {low}, got {value!r}")
+
+
+def _open_unit(name: str, value) -> None:
+    if not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
+        raise InputError(f"{option_name(name)} must be between 0 and 1 (exclusive), got {value!r}")
