@@ -392,3 +392,14 @@ def write_demo_stores(out_dir: str | Path, rows: int = 200_000, dim: int = 512, 
             close()
         paths.append(path)
     return paths[0], paths[1]
+
+
+def train_demo_mapper(reference_store: str | Path, seed: int = 0, *, progress: bool = False, device: str = "cpu",
+                      **options):
+    """The demo's mapping network: DEMO_MAPPER_OPTIONS (overridable) trained on a reference store's valid rows."""
+    from .mapper import train_mapper
+    from .pipeline.source import ChunkSource
+
+    ref = ChunkSource(reference_store)
+    return train_mapper(ref.store.image, ref.store.text, rows=ref.valid_rows(), seed=seed, device=device,
+                        progress=progress, **ref.embedding_model, **{**DEMO_MAPPER_OPTIONS, **options})

@@ -7,19 +7,16 @@ import shutil
 
 import pytest
 
-from cfbd_fast.demo import DEMO_MAPPER_OPTIONS, write_demo_stores
-from cfbd_fast.mapper import save_mapper, train_mapper_on_store
+from cfbd_fast.demo import train_demo_mapper, write_demo_stores
+from cfbd_fast.mapper import save_mapper
 from cfbd_fast.pipeline import scan
-from cfbd_fast.store import EmbeddingStore
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_cfbd_beats_cosine_on_default_demo(tmp_path, seed):
     scan_store, ref_store = write_demo_stores(tmp_path, seed=seed, progress=False)
-    with EmbeddingStore.open(ref_store) as ref:
-        mapper = train_mapper_on_store(ref, seed=seed, progress=False, **DEMO_MAPPER_OPTIONS)
-    save_mapper(mapper, tmp_path / "mapper.safetensors")
+    save_mapper(train_demo_mapper(ref_store, seed=seed), tmp_path / "mapper.safetensors")
     shutil.rmtree(ref_store)
 
     cfbd = scan(scan_store, tmp_path / "mapper.safetensors", seed=seed).summary["metrics"]

@@ -4,6 +4,7 @@ import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from cfbd_fast.detect import baselines, coarse, fine, metrics, seeds, threshold
+from cfbd_fast.pipeline.options import THRESHOLD_METHODS
 
 
 # -- seeds ------------------------------------------------------------------------------------------------
@@ -77,8 +78,6 @@ def test_fine_score_z_minus_so():
     s_o = np.array([0.1, 0.4, 0.3], dtype=np.float32)
     np.testing.assert_allclose(fine.fine_score(z, s_o, "z-so"), [0.8, 0.5, -0.1], atol=1e-7)
     np.testing.assert_array_equal(fine.fine_score(z, s_o, "z"), z)
-    with pytest.raises(ValueError, match="unknown fine-stage score"):
-        fine.fine_score(z, s_o, "bogus")
 
 
 # -- thresholds -------------------------------------------------------------------------------------------
@@ -111,9 +110,12 @@ def test_mixture_threshold_separates_two_modes():
     assert 0.15 < t < 0.85
 
 
-def test_estimate_rejects_unknown():
-    with pytest.raises(ValueError, match="unknown threshold estimator"):
-        threshold.estimate(np.zeros(3), "bogus")
+def test_every_declared_estimator_is_implemented():
+    rng = np.random.default_rng(8)
+    score = np.concatenate([rng.normal(0.0, 0.05, 5000), rng.normal(1.0, 0.05, 50)])
+    estimates = threshold.all_estimates(score, THRESHOLD_METHODS, reference=score < 0.5, fpr=0.001)
+    assert set(estimates) == set(THRESHOLD_METHODS)
+    assert all(0.1 < t < 0.95 for t in estimates.values()), estimates
 
 
 # -- baselines ----------------------------------------------------------------------------------------------

@@ -12,8 +12,10 @@ from cfbd_fast.cli import mapper as mapper_cli
 from cfbd_fast.cli.main import _Group
 from cfbd_fast.demo import generate_pairs, generate_reference
 from cfbd_fast.errors import InputError, MapperMismatchError
-from cfbd_fast.mapper import (KnnMapper, MLPMapper, fit_self_mapper, load_mapper, save_mapper, train_mapper,
-                              train_mapper_on_store)
+from cfbd_fast.mapper import KnnMapper, MLPMapper, fit_self_mapper, load_mapper, save_mapper, train_mapper
+from cfbd_fast.pipeline.options import ScanConfig
+from cfbd_fast.pipeline.source import ChunkSource
+from cfbd_fast.pipeline.stages import resolve_mapper
 from cfbd_fast.store import EmbeddingStore
 
 SMALL = {"depth": 2, "hidden": 64, "batch_size": 256, "lr": 3e-3}
@@ -207,21 +209,24 @@ def test_knn_leaves_out_the_pairs_own_caption_but_not_a_duplicate():
     np.testing.assert_allclose(mapper.map(torch.from_numpy(image), None).numpy(), unit, atol=1e-6)
 
 
-def test_knn_from_store_and_bad_banks(tmp_path):
+def test_knn_bank_from_valid_rows_of_the_scanned_store(tmp_path):
     pairs = generate_pairs(3000, 16, poison_rate=0.0, seed=2, concepts=30)
-    with EmbeddingStore.from_arrays(tmp_path / "s.cfbd", image=pairs.image, text=pairs.text,
-                                    model="ViT-B-32") as store:
-        mapper = KnnMapper.from_store(store, bank=500, k=4, seed=3)
-        assert len(mapper.bank_rows) == 500 and np.all(np.diff(mapper.bank_rows) > 0)
-        expected = np.asarray(store.text[mapper.bank_rows], dtype=np.float32)
-        np.testing.assert_allclose(mapper.bank.numpy(), expected / np.linalg.norm(expected, axis=1, keepdims=True),
-                                   atol=1e-6)
-        assert mapper.config["model"] == "ViT-B-32" and mapper.config["bank"] == 500
-        assert len(KnnMapper.from_store(store, bank=10**6, k=4).bank_rows) == 3000
-        mapped = mapper.to("cpu").map(torch.from_numpy(pairs.image[:10]), np.arange(10))
-        assert mapped.shape == (10, 16)
-        trained = train_mapper_on_store(store, epochs=1, **SMALL)
-        assert trained.config["model"] == "ViT-B-32"
+    text = pairs.text.copy()
+    text[[5, 700, 2999]] = np.nan  # invalid captions never enter the bank
+    source = ChunkSource(EmbeddingStore.from_arrays(tmp_path / "s.cfbd", image=pairs.image, text=text,
+                                                    model="ViT-B-32"))
+    mapper, fingerprint = resolve_mapper("knn", source, ScanConfig(knn_bank=500, knn_neighbours=4, random_seed=3), False)
+    assert fingerprint.startswith("knn:")
+    assert 497 <= len(mapper.bank_rows) <= 500 and np.all(np.diff(mapper.bank_rows) > 0)
+    assert not set(mapper.bank_rows.tolist()) & {5, 700, 2999}
+    expected = np.asarray(text[mapper.bank_rows], dtype=np.float32)
+    np.testing.assert_allclose(mapper.bank.numpy(), expected / np.linalg.norm(expected, axis=1, keepdims=True),
+                               atol=1e-6)
+    assert mapper.config["model"] == "ViT-B-32" and mapper.config["k"] == 4
+    everything, _ = resolve_mapper("knn", source, ScanConfig(knn_bank=10**6), False)
+    assert len(everything.bank_rows) == 2997
+    mapped = mapper.to("cpu").map(torch.from_numpy(pairs.image[:10]), np.arange(10))
+    assert mapped.shape == (10, 16)
     with pytest.raises(InputError):
         KnnMapper(np.ones((3, 4)), [0, 2, 1], k=1)
     with pytest.raises(InputError):
@@ -244,8 +249,10 @@ def test_cli_trains_and_saves(tmp_path, cli, reference):
     assert result.exit_code == 0, result.output
     assert "val loss" in result.output and out.exists() and out.with_suffix(".json").exists()
     assert load_mapper(out, expect_model="ViT-B-32", expect_dim=32).config["hidden"] == 32
+    result = cli(store_path, "--out", out, "--depth", 1, "--epochs", 1, "--quiet")
+    assert result.exit_code == 1 and "--force" in result.output
     result = cli(store_path, "--out", out, "--depth", 1, "--epochs", 1, "--max-rows", 1000, "--loss", "infonce",
-                 "--quiet", "--json")
+                 "--quiet", "--json", "--force")
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output)
     assert summary["config"]["depth"] == 1 and summary["config"]["loss"] == "infonce"

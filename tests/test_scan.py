@@ -10,8 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from cfbd_fast.cli.main import app
-from cfbd_fast.demo import DEMO_MAPPER_OPTIONS, generate_pairs, write_demo_stores
-from cfbd_fast.mapper import save_mapper, train_mapper_on_store
+from cfbd_fast.demo import generate_pairs, train_demo_mapper, write_demo_stores
+from cfbd_fast.mapper import save_mapper
 from cfbd_fast.pipeline import V_INVALID, V_POISONED, scan
 from cfbd_fast.store import EmbeddingStore
 
@@ -22,9 +22,7 @@ def _demo(tmp_path_factory, name, rows, poison_rate, seed=0):
     out = tmp_path_factory.mktemp(name)
     scan_store, ref_store = write_demo_stores(out, rows=rows, dim=256, poison_rate=poison_rate, seed=seed,
                                               reference_rows=20_000, progress=False)
-    with EmbeddingStore.open(ref_store) as ref:
-        mapper = train_mapper_on_store(ref, seed=seed, progress=False, **DEMO_MAPPER_OPTIONS)
-    return scan_store, save_mapper(mapper, out / "mapper.safetensors")
+    return scan_store, save_mapper(train_demo_mapper(ref_store, seed=seed), out / "mapper.safetensors")
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +78,7 @@ def test_scan_triton_interpreted_matches_cpu(tmp_path):
     out = tmp_path / "d"
     store_path, ref = write_demo_stores(out, rows=3000, dim=32, poison_rate=0.01, seed=3, reference_rows=3000,
                                         progress=False)
-    with EmbeddingStore.open(ref) as r:
-        save_mapper(train_mapper_on_store(r, seed=3, progress=False, **DEMO_MAPPER_OPTIONS), out / "m.safetensors")
+    save_mapper(train_demo_mapper(ref, seed=3), out / "m.safetensors")
     code = (
         "import sys, numpy as np; from cfbd_fast.pipeline import scan; "
         f"r = scan({str(store_path)!r}, {str(out / 'm.safetensors')!r}, q=20, chunk_rows=1024); "
@@ -193,8 +190,7 @@ def test_cli_errors(small, tmp_path):
     # a mapper made for another embedding dimension
     other = tmp_path / "other"
     _, ref = write_demo_stores(other, rows=2000, dim=32, poison_rate=0.0, reference_rows=2000, progress=False)
-    with EmbeddingStore.open(ref) as r:
-        save_mapper(train_mapper_on_store(r, depth=1, epochs=1, progress=False), other / "m32.safetensors")
+    save_mapper(train_demo_mapper(ref, epochs=1), other / "m32.safetensors")
     fails([str(store_path), "--mapper", str(other / "m32.safetensors")], "m32")
     # an empty store
     empty = EmbeddingStore.create(tmp_path / "empty.cfbd", 256, model="cfbd-fast-demo")

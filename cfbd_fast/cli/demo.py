@@ -31,10 +31,9 @@ def demo(
     json_out: Json = False,
 ) -> None:
     """Generate a demo dataset, train a mapping network on its clean split, scan it and report the metrics."""
-    from ..demo import DEMO_MAPPER_OPTIONS, write_demo_stores
-    from ..mapper import save_mapper, train_mapper_on_store
+    from ..demo import train_demo_mapper, write_demo_stores
+    from ..mapper import save_mapper
     from ..pipeline import json_default, scan
-    from ..store import EmbeddingStore
 
     progress = not quiet
     params = {"rows": rows, "dim": dim, "poison_rate": poison_rate, "seed": seed}
@@ -48,20 +47,18 @@ def demo(
         for p in (scan_store, ref_store):
             shutil.rmtree(p, ignore_errors=True)
         write_demo_stores(out, rows=rows, dim=dim, poison_rate=poison_rate, seed=seed, progress=progress)
-        with EmbeddingStore.open(ref_store) as ref:
-            mapper = train_mapper_on_store(ref, seed=seed, device=device.value, progress=progress,
-                                           **DEMO_MAPPER_OPTIONS)
+        mapper = train_demo_mapper(ref_store, seed=seed, device=device.value, progress=progress)
         save_mapper(mapper, mapper_path)
         record.write_text(json.dumps(params) + "\n")
     prepare_s = time.perf_counter() - t0
 
-    result = scan(scan_store, mapper_path, progress=progress, device=device.value, seed=seed)
+    result = scan(scan_store, mapper_path, progress=progress, device=device.value, random_seed=seed)
     result.write(out / "scan")
     result.summary["out"] = str(out / "scan")
     runs = {"cfbd": result.summary}
     if compare:
         for method in BASELINES:
-            other = scan(scan_store, mapper_path, method=method, progress=False, device=device.value, seed=seed)
+            other = scan(scan_store, mapper_path, method=method, progress=False, device=device.value, random_seed=seed)
             runs[method] = other.summary
     if json_out:
         typer.echo(json.dumps({"params": params, "prepare_s": prepare_s, "runs": runs}, indent=2,

@@ -1,17 +1,31 @@
 """The `cfbd-fast` application: registers the command groups and maps known errors to one line."""
 from __future__ import annotations
 
+import json
 import os
-import platform
+from typing import Annotated
 
+import click
 import typer
 from typer.core import TyperGroup
 
 from ..errors import CfbdError
+from ._options import Json
+
+
+def error_message(exc: BaseException) -> str:
+    """One line for a known error: an OSError as 'PATH: reason', anything else by its first line."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+    if isinstance(exc, click.ClickException):
+        return exc.format_message().splitlines()[0]
+    text = str(exc)
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 class _Group(TyperGroup):
-    """Turns cfbd-fast's own errors and I/O errors into `Error: <message>` on stderr and exit code 1.
+    """Turns cfbd-fast's own errors and I/O errors into `Error: <message>` on stderr and exit code 1; under
+    --json, into `{"error": <message>}` on stdout with the same exit code (usage errors keep click's code 2).
 
     Set CFBD_FAST_DEBUG=1 to see the traceback instead.
     """
@@ -19,12 +33,18 @@ class _Group(TyperGroup):
     def invoke(self, ctx: typer.Context):
         try:
             return super().invoke(ctx)
-        except (CfbdError, OSError) as exc:
+        except (CfbdError, OSError, click.ClickException) as exc:
             if os.environ.get("CFBD_FAST_DEBUG"):
                 raise
-            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            typer.echo(f"Error: {message}", err=True)
-            raise typer.Exit(1) from exc
+            as_json = ctx.meta.get("cfbd_fast_json", False)
+            if isinstance(exc, click.ClickException) and not as_json:
+                raise
+            code = exc.exit_code if isinstance(exc, click.ClickException) else 1
+            if as_json:
+                typer.echo(json.dumps({"error": error_message(exc), "exit_code": code}))
+            else:
+                typer.echo(f"Error: {error_message(exc)}", err=True)
+            raise typer.Exit(code) from exc
 
 
 app = typer.Typer(
@@ -36,25 +56,31 @@ app = typer.Typer(
 )
 
 
+def _version(value: bool) -> None:
+    if value:
+        from .. import __version__
+
+        typer.echo(f"cfbd-fast {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_version,
+                                                help="Print the version and exit.")] = False) -> None:
+    """Find backdoored image-caption pairs before you train a CLIP model (CFBD, coarse-to-fine)."""
+
+
 @app.command()
-def env() -> None:
+def env(json_out: Json = False) -> None:
     """Print OS, Python and library versions, and the devices found, for bug reports."""
-    from .. import __version__
+    from ..provenance import device_name, versions
 
-    lines = {"cfbd-fast": __version__, "os": platform.platform(), "python": platform.python_version()}
-    for mod in ("numpy", "torch", "triton", "numba", "sklearn", "pyarrow", "open_clip"):
-        try:
-            lines[mod] = __import__(mod).__version__
-        except Exception as exc:  # report, never fail: this is a diagnostic
-            lines[mod] = f"unavailable ({type(exc).__name__})"
-    try:
-        import torch
-
-        lines["cuda"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device"
-    except Exception as exc:
-        lines["cuda"] = f"unavailable ({type(exc).__name__})"
+    lines = {**versions(), "cpu": device_name("cpu"), "cuda": device_name("cuda")}
+    if json_out:
+        typer.echo(json.dumps(lines, indent=2))
+        return
     for key, value in lines.items():
-        typer.echo(f"{key:10s} {value}")
+        typer.echo(f"{key:10s} {value if value is not None else 'unavailable'}")
 
 
 def _register() -> None:

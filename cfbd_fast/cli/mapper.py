@@ -32,10 +32,14 @@ def train_mapper(
     val_fraction: Annotated[float, typer.Option(help="Fraction of pairs held out for early stopping.")] = 0.05,
     patience: Annotated[int, typer.Option(help="Stop after this many epochs without a better validation loss.")]
     = 3,
-    seed: Annotated[int, typer.Option(help="Seed of the split, the initialisation and the batch order.")] = 0,
+    seed: Annotated[int, typer.Option("--random-seed", "--seed",
+                                      help="Seed of the split, the initialisation and the batch order.")] = 0,
     device: Annotated[Device, typer.Option(help="Where to train.")] = Device.cpu,
     max_rows: Annotated[Optional[int], typer.Option(help="Train on a random sample of at most this many pairs "
                                                          "[default: all].")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing mapper file.")] = False,
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads for torch (default: the free cores).")]
+    = None,
     quiet: Quiet = False,
     json_out: Json = False,
 ) -> None:
@@ -43,19 +47,26 @@ def train_mapper(
     import torch
 
     from ..errors import InputError
-    from ..mapper import save_mapper, train_mapper_on_store
-    from ..store import EmbeddingStore
+    from ..mapper import save_mapper, train_mapper
+    from ..pipeline.source import ChunkSource
+    from ..threads import configure_threads
 
     if not store.exists():
         raise InputError(f"store {store} not found: give a NAME.cfbd directory (see `cfbd-fast store --help`)")
     if device is Device.cuda and not torch.cuda.is_available():
         raise InputError("--device cuda, but torch finds no CUDA device: use --device cpu")
-    started = time.perf_counter()
-    with EmbeddingStore.open(store) as reference:
-        mapper = train_mapper_on_store(reference, depth=depth, hidden=hidden, loss=loss.value, epochs=epochs,
-                                       batch_size=batch_size, lr=lr, val_fraction=val_fraction, patience=patience,
-                                       seed=seed, device=device.value, progress=not quiet, max_rows=max_rows)
+    if out.exists() and not force:
+        raise InputError(f"--out {out} exists: pass --force to replace it or choose another name")
     out.parent.mkdir(parents=True, exist_ok=True)
+    configure_threads(threads)
+    started = time.perf_counter()
+    source = ChunkSource(store)
+    valid = source.valid_rows()
+    mapper = train_mapper(source.store.image, source.store.text, rows=valid, depth=depth, hidden=hidden,
+                          loss=loss.value, epochs=epochs, batch_size=batch_size, lr=lr, val_fraction=val_fraction,
+                          patience=patience, seed=seed, device=device.value, progress=not quiet, max_rows=max_rows,
+                          **source.embedding_model)
+    mapper.config["invalid_rows_skipped"] = int(source.rows - len(valid))
     path = save_mapper(mapper, out)
     seconds = time.perf_counter() - started
     config = mapper.config

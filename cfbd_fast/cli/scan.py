@@ -1,4 +1,7 @@
-"""`cfbd-fast scan`: run CFBD (or a baseline) over a store and publish verdicts, keep-lists and a summary."""
+"""`cfbd-fast scan`: run CFBD (or a baseline) over a store and publish verdicts, keep-lists and a summary.
+
+Choices and their help come from `cfbd_fast.pipeline.options`; the options are checked there, once.
+"""
 from __future__ import annotations
 
 import json
@@ -8,77 +11,83 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..pipeline.options import METHODS, REDUCTIONS, SCORES, SEED_SELECTORS, THRESHOLD_METHODS, ScanConfig
 from ._options import Device, Json, Quiet
 
-
-class Method(str, Enum):
-    cfbd = "cfbd"
-    cfbd_paper = "cfbd-paper"
-    coarse = "coarse"
-    cosine = "cosine"
-    safeclip = "safeclip"
+_DEFAULTS = ScanConfig()
 
 
-class SeedSelect(str, Enum):
-    top = "top"
-    dense = "dense"
+def _choices(name: str, declared: dict) -> type[Enum]:
+    return Enum(name, {key: key for key in declared}, type=str)
 
 
-class Reduce(str, Enum):
-    mean = "mean"
-    max = "max"
-    topk = "topk"
+def _help(declared: dict) -> str:
+    return "; ".join(f"{key}: {getattr(value, 'help', value)}" for key, value in declared.items())
 
 
-class Score(str, Enum):
-    z_so = "z-so"
-    z = "z"
-
-
-class ThresholdMethod(str, Enum):
-    null_quantile = "null-quantile"
-    robust_z = "robust-z"
-    gap = "gap"
-    mixture = "mixture"
+Method = _choices("Method", METHODS)
+SeedSelect = _choices("SeedSelect", SEED_SELECTORS)
+Reduce = _choices("Reduce", REDUCTIONS)
+Score = _choices("Score", SCORES)
+ThresholdMethod = _choices("ThresholdMethod", THRESHOLD_METHODS)
 
 
 def scan(
     store: Annotated[Path, typer.Argument(help="A NAME.cfbd store directory.")],
     mapper: Annotated[Optional[str], typer.Option(
-        help="Mapping network: a file from `cfbd-fast train-mapper`, 'self' (fit on this store) or 'knn'.")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Output directory (default: STORE's name + '.scan').")] = None,
-    method: Annotated[Method, typer.Option(help="cfbd (our defaults), cfbd-paper, coarse, cosine or safeclip.")]
-    = Method.cfbd,
-    k: Annotated[int, typer.Option(help="GMM components.")] = 5,
-    gamma: Annotated[float, typer.Option(help="Posterior above which a pair is benign.")] = 0.9,
-    q: Annotated[int, typer.Option(help="Seed set size.")] = 50,
-    seed_select: Annotated[Optional[SeedSelect], typer.Option(help="Seed selection (default: per method).")] = None,
-    reduce: Annotated[Reduce, typer.Option(help="How z combines the seed cosines.")] = Reduce.mean,
-    topk: Annotated[int, typer.Option(help="k for --reduce topk.")] = 5,
-    score: Annotated[Optional[Score], typer.Option(help="Fine-stage score (default: per method).")] = None,
-    threshold: Annotated[Optional[float], typer.Option(help="Fixed threshold on the score (default: estimated).")]
+        help="Mapping network F: a file from `cfbd-fast train-mapper`, 'self' (fitted on this store) or 'knn'.")]
     = None,
-    threshold_method: Annotated[Optional[ThresholdMethod], typer.Option(
-        help="Estimator when no --threshold is given (default: gap, chosen by measurement).")] = None,
-    fpr: Annotated[float, typer.Option(help="Target false-positive rate of the estimated threshold.")] = 0.001,
+    out: Annotated[Optional[Path], typer.Option(help="Output folder (default: STORE's name + '.scan').")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace the outputs of an earlier scan in --out.")] = False,
+    method: Annotated[Method, typer.Option(help=_help(METHODS))] = _DEFAULTS.method,
+    components: Annotated[int, typer.Option("--components", "--k",
+                                            help="GMM components of the coarse stage (the paper's K).")]
+    = _DEFAULTS.components,
+    gamma: Annotated[float, typer.Option(help="Posterior of the lowest component above which a pair is benign "
+                                              "(the paper's gamma).")] = _DEFAULTS.gamma,
+    seed_set_size: Annotated[int, typer.Option("--seed-set-size", "--q",
+                                               help="Pairs in the poisoned seed set (the paper's q).")]
+    = _DEFAULTS.seed_set_size,
+    seed_select: Annotated[Optional[SeedSelect], typer.Option(
+        help="How the seed set is chosen (default: per method). " + _help(SEED_SELECTORS))] = None,
+    reduce: Annotated[Reduce, typer.Option(help="How z combines a caption's cosines to the seed captions. "
+                                                + _help(REDUCTIONS))] = _DEFAULTS.reduce,
+    topk: Annotated[int, typer.Option(help="Cosines averaged by --reduce topk.")] = _DEFAULTS.topk,
+    score: Annotated[Optional[Score], typer.Option(help="Fine-stage score (default: per method). " + _help(SCORES))]
+    = None,
+    threshold: Annotated[Optional[float], typer.Option(help="A fixed threshold on the score (default: estimated).")]
+    = None,
+    threshold_method: Annotated[ThresholdMethod, typer.Option(
+        help="Estimator when no --threshold is given. " + _help(THRESHOLD_METHODS))] = _DEFAULTS.threshold_method,
+    fpr: Annotated[float, typer.Option(help="Target false-positive rate of the estimated threshold.")]
+    = _DEFAULTS.fpr,
     labels: Annotated[Optional[Path], typer.Option(
         help="Ground truth: parquet/CSV with a key column and is_poisoned/label 0/1.")] = None,
-    chunk_rows: Annotated[int, typer.Option(help="Rows per streamed chunk.")] = 16384,
-    device: Annotated[Device, typer.Option(help="Where the mapper and kernels run.")] = Device.cpu,
-    seed: Annotated[int, typer.Option(help="Random seed (GMM init, samples).")] = 0,
+    chunk_rows: Annotated[int, typer.Option(help="Rows per streamed chunk.")] = _DEFAULTS.chunk_rows,
+    device: Annotated[Device, typer.Option(help="Where the mapper and kernels run.")] = _DEFAULTS.device,
+    random_seed: Annotated[int, typer.Option("--random-seed", "--seed",
+                                             help="Random seed of the GMM initialisation and the samples.")]
+    = _DEFAULTS.random_seed,
+    knn_neighbours: Annotated[int, typer.Option(help="Captions averaged by --mapper knn.")]
+    = _DEFAULTS.knn_neighbours,
+    threads: Annotated[Optional[int], typer.Option(
+        help="CPU threads for torch and numba (default: the free cores).")] = None,
     quiet: Quiet = False,
     json_out: Json = False,
 ) -> None:
-    """Scan STORE for backdoored pairs; write scores.parquet, poisoned.txt, keep.txt, keep.parquet, summary.json."""
+    """Scan STORE for backdoored pairs; write scores.parquet, poisoned.txt, keep.txt, keep.parquet, flagged.csv,
+    summary.json."""
     from ..pipeline import json_default, scan as run_scan
+    from ..pipeline.publish import check_out_dir
 
-    result = run_scan(
-        store, mapper, labels=labels, progress=not quiet, method=method.value, k=k, gamma=gamma, q=q,
+    config = ScanConfig(
+        method=method.value, components=components, gamma=gamma, seed_set_size=seed_set_size,
         seed_select=seed_select.value if seed_select else None, reduce=reduce.value, topk=topk,
-        score=score.value if score else None, threshold=threshold, fpr=fpr, chunk_rows=chunk_rows,
-        device=device.value, seed=seed, **({"threshold_method": threshold_method.value} if threshold_method else {}),
-    )
-    out_dir = out or store.with_name(store.name.removesuffix(".cfbd") + ".scan")
+        score=score.value if score else None, threshold=threshold, threshold_method=threshold_method.value,
+        fpr=fpr, chunk_rows=chunk_rows, device=device.value, random_seed=random_seed,
+        knn_neighbours=knn_neighbours, threads=threads).validated()
+    out_dir = check_out_dir(out or store.with_name(store.name.removesuffix(".cfbd") + ".scan"), force=force)
+    result = run_scan(store, mapper, config=config, labels=labels, progress=not quiet)
     result.write(out_dir)
     result.summary["out"] = str(out_dir)
     if json_out:

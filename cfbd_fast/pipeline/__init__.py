@@ -13,13 +13,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import InputError
-from ..provenance import device_name, versions
-from ..threads import configure_threads
-from . import stages
-from .options import METHODS, ScanConfig
+from .options import METHODS, SUBSETS, V_BENIGN, V_INVALID, V_POISONED, VERDICTS, ScanConfig
 from .publish import json_default, write_outputs
-from .source import ChunkSource
-from .stages import SUBSETS, V_BENIGN, V_INVALID, V_POISONED, VERDICTS
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -74,6 +69,10 @@ def scan(store, mapper=None, *, config: ScanConfig | None = None, labels: str | 
     """
     import torch
 
+    from ..threads import configure_threads
+    from . import stages
+    from .source import ChunkSource
+
     if config is not None and options:
         raise InputError("pass either config= or keyword options, not both")
     cfg = (config or ScanConfig.from_options(**options)).validated()
@@ -88,8 +87,8 @@ def scan(store, mapper=None, *, config: ScanConfig | None = None, labels: str | 
     timer = stages.Timer(cfg.device)
     source = ChunkSource(store)
     if cfg.spec.needs_mapper and cfg.seed_set_size > source.rows:
-        raise InputError(f"--seed-set-size {cfg.seed_set_size} is larger than the store ({source.rows} rows): "
-                         "lower it")
+        raise InputError(f"seed_set_size (--seed-set-size) {cfg.seed_set_size} is larger than the store "
+                         f"({source.rows} rows): lower it")
     truth = source.labels(labels)  # resolved before any scoring
     timer.add("open", time.perf_counter() - t_start)
 
@@ -120,6 +119,7 @@ def scan(store, mapper=None, *, config: ScanConfig | None = None, labels: str | 
 def _summary(s, cfg: ScanConfig, source: ChunkSource, labels, truth, mapper_fp, threshold: dict, timer,
              elapsed: float, threads: int) -> dict:
     from ..detect import metrics
+    from ..provenance import device_name, versions
 
     summary = dict(s.summary)
     summary.update({

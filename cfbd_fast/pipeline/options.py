@@ -61,6 +61,12 @@ THRESHOLD_METHODS = {
 }
 DEVICES = {"cpu": "the CPU path (torch blocks over threads)", "cuda": "the Triton kernels on a CUDA device"}
 
+# The outputs' vocabulary: each row's coarse subset and verdict, stored as int8 codes into these arrays.
+SUBSETS = ("benign", "seed", "suspicious", "invalid")
+VERDICTS = ("benign", "poisoned", "invalid")
+BENIGN, SEED, SUSPICIOUS, INVALID = 0, 1, 2, 3
+V_BENIGN, V_POISONED, V_INVALID = 0, 1, 2
+
 # Old keyword names of scan() still accepted: the paper's symbols.
 ALIASES = {"q": "seed_set_size", "k": "components", "seed": "random_seed"}
 
@@ -142,8 +148,8 @@ class ScanConfig:
 
 
 def option_name(field_name: str) -> str:
-    """How users spell a config field on the command line."""
-    return "--" + field_name.replace("_", "-")
+    """A config field as both kinds of user spell it: the Python keyword and the command-line option."""
+    return f"{field_name} (--{field_name.replace('_', '-')})"
 
 
 def _choice(name: str, value, choices: dict) -> None:

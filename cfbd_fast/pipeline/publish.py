@@ -49,7 +49,7 @@ def write_outputs(result, out_dir: str | Path) -> Path:
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
-    from .stages import SUBSETS, VERDICTS
+    from .options import SUBSETS, VERDICTS
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -59,9 +59,9 @@ def write_outputs(result, out_dir: str | Path) -> Path:
     table = pa.table({
         "row_id": result.row_id, "key": result.keys,
         "s_o": result.s_o, "s_g": result.s_g, "c": result.c, "posterior": result.posterior,
-        "subset": pa.array(SUBSETS[result.subset]).dictionary_encode(),
+        "subset": pa.array(np.asarray(SUBSETS)[result.subset]).dictionary_encode(),
         "z": result.z, "score": result.score,
-        "verdict": pa.array(VERDICTS[result.verdict]).dictionary_encode(),
+        "verdict": pa.array(np.asarray(VERDICTS)[result.verdict]).dictionary_encode(),
     })
     pq.write_table(table, tmp / "scores.parquet")
     for name, rows in (("poisoned.txt", result.poisoned_rows), ("keep.txt", result.kept_rows),

@@ -25,7 +25,7 @@ class ChunkSource:
         self.rows = len(self.store)
         self.dim = self.store.dim
         if self.rows == 0:
-            raise InputError(f"{self.path}: the store is empty; nothing to scan")
+            raise InputError(f"{self.path}: the store is empty (0 rows); add rows before scanning or training on it")
         self.meta = self.store.meta
         self.keys = self._keys()
 
@@ -35,6 +35,23 @@ class ChunkSource:
         info = self.store.info
         return {"path": str(self.path), "fingerprint": self.store.fingerprint, "rows": self.rows, "dim": self.dim,
                 "dtype": str(self.store.dtype), "model": info.get("model"), "pretrained": info.get("pretrained")}
+
+    @property
+    def embedding_model(self) -> dict:
+        """The embedding model's identity, as mappers record it."""
+        info = self.store.info
+        return {"model": info.get("model"), "pretrained": info.get("pretrained"),
+                "normalized": info.get("normalized")}
+
+    def valid_rows(self, chunk_rows: int = 65536) -> np.ndarray:
+        """Row ids whose image and caption vectors are finite with a non-zero norm (one streaming pass)."""
+        out = []
+        for chunk in self.chunks(chunk_rows):
+            ok = np.ones(len(chunk), dtype=bool)
+            for a in (chunk.image, chunk.text):
+                ok &= np.isfinite(a).all(axis=1) & (np.abs(a).sum(axis=1, dtype=np.float32) > 0)
+            out.append(np.flatnonzero(ok) + chunk.start)
+        return np.concatenate(out)
 
     def _keys(self):
         """Source keys as pyarrow strings; the row id where the store has none."""

@@ -17,13 +17,9 @@ from ..detect import baselines, coarse, fine, seeds, threshold
 from ..errors import InputError
 from ..progress import progress_bar
 from ..provenance import file_digest, text_digest
-from .options import THRESHOLD_METHODS, ScanConfig
+from .options import (BENIGN, INVALID, SEED, SUSPICIOUS, THRESHOLD_METHODS, V_BENIGN, V_INVALID, V_POISONED,
+                      ScanConfig)
 from .source import ChunkSource
-
-SUBSETS = np.array(["benign", "seed", "suspicious", "invalid"])
-VERDICTS = np.array(["benign", "poisoned", "invalid"])
-BENIGN, SEED, SUSPICIOUS, INVALID = 0, 1, 2, 3
-V_BENIGN, V_POISONED, V_INVALID = 0, 1, 2
 NULL_SAMPLE = 2000  # random valid rows whose caption/image coherence is the "unrelated rows" reference
 
 
@@ -74,24 +70,19 @@ def resolve_mapper(mapper, source: ChunkSource, cfg: ScanConfig, progress: bool)
         if len(rows) < 2:
             raise InputError(f"{source.path}: fewer than 2 valid rows to fit --mapper self on")
         m = mapper_mod.fit_self_mapper(image, text, sample=len(rows), seed=cfg.random_seed, device=cfg.device,
-                                       progress=progress, **_identity(source), **cfg.self_options)
+                                       progress=progress, **source.embedding_model, **cfg.self_options)
         return m, "self:" + text_digest(m.config)
     if name == "knn":
         rows, (text,) = source.sample_valid(cfg.knn_bank, cfg.random_seed, ("text",))
         if len(rows) < 2:
             raise InputError(f"{source.path}: fewer than 2 valid captions for the --mapper knn bank")
-        m = mapper_mod.KnnMapper(text, rows, k=min(cfg.knn_neighbours, len(rows) - 1), **_identity(source))
+        m = mapper_mod.KnnMapper(text, rows, k=min(cfg.knn_neighbours, len(rows) - 1), **source.embedding_model)
         return m, "knn:" + text_digest(m.config)
     if name is not None:
         path = Path(mapper)
         m = mapper_mod.load_mapper(path, expect_model=source.identity["model"], expect_dim=source.dim)
         return m, "file:" + file_digest(path)
     return mapper, "object:" + text_digest(getattr(mapper, "config", {}))
-
-
-def _identity(source: ChunkSource) -> dict:
-    info = source.store.info
-    return {"model": info.get("model"), "pretrained": info.get("pretrained"), "normalized": info.get("normalized")}
 
 
 # -- pass 1 --------------------------------------------------------------------------------------------------

@@ -39,16 +39,13 @@ def make_inputs(out: Path) -> tuple[Path, Path]:
 
 def main() -> None:
     from cfbd_fast import scan
-    from cfbd_fast.demo import DEMO_MAPPER_OPTIONS
-    from cfbd_fast.mapper import save_mapper, train_mapper_on_store
-    from cfbd_fast.store import EmbeddingStore
+    from cfbd_fast.demo import train_demo_mapper
+    from cfbd_fast.mapper import save_mapper
 
     with tempfile.TemporaryDirectory() as tmp:
         store, mapper_path = make_inputs(Path(tmp))
         if not mapper_path.exists():
-            with EmbeddingStore.open(Path(tmp) / "reference.cfbd") as ref:
-                mapper = train_mapper_on_store(ref, seed=0, progress=False, **DEMO_MAPPER_OPTIONS)
-            save_mapper(mapper, mapper_path)
+            save_mapper(train_demo_mapper(Path(tmp) / "reference.cfbd", seed=0), mapper_path)
         arrays, summaries = {}, {}
         cases = {**{k: (mapper_path, v) for k, v in CASES.items()},
                  **{k: (v, CASES["cfbd"]) for k, v in MAPPER_CASES.items()}}
