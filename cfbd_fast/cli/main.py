@@ -86,6 +86,7 @@ def env(json_out: Json = False) -> None:
 def _register() -> None:
     from . import demo as demo_cli
     from . import mapper as mapper_cli
+    from . import poison as poison_cli
     from . import scan as scan_cli
     from . import store as store_cli
 
@@ -93,6 +94,7 @@ def _register() -> None:
     app.command("train-mapper")(mapper_cli.train_mapper)
     app.command("scan")(scan_cli.scan)
     app.command("demo")(demo_cli.demo)
+    app.command("poison")(poison_cli.poison)
 
 
 _register()
