@@ -24,12 +24,18 @@ FORMAT_NAME = "cfbd-store"
 FORMAT_VERSION = int(_core.FORMAT_VERSION)
 COMMIT_RECORD = "store.json"
 META_DIR = "meta"
+SKIP_DIR = "skipped"
 DEFAULT_MATRICES = ("image", "text")
 DTYPE_CODES = {"float16": 1, "bfloat16": 2, "float32": 3}
-META_COLUMNS = ("caption", "key", "is_poisoned")
+META_COLUMNS = ("caption", "key", "source", "is_poisoned")
+SKIP_COLUMNS = ("key", "source", "reason", "detail")
+# Commit-record keys the store itself manages; other top-level keys (e.g. "embed") are free-form records.
+_RESERVED_KEYS = frozenset({"format", "format_version", "rows", "dim", "dtype", "matrices", "model", "pretrained",
+                            "normalized", "cfbd_fast_version", "parts", "skipped", "sha256"})
 MAX_DIM = 1 << 20
 _MAX_RECORD_BYTES = 64 << 20
 _PART_NAME = re.compile(r"^meta/part-[0-9]{6}\.parquet$")
+_SKIP_PART_NAME = re.compile(r"^skipped/part-[0-9]{6}\.parquet$")
 _MATRIX_NAME = re.compile(r"^[A-Za-z0-9_-]{1,23}$")
 _NORM_TOLERANCE = 1e-2  # |norm - 1| allowed for rows to count as L2-normalised (fp16 rounding is ~1e-3)
 
@@ -119,11 +125,14 @@ def _validate_body(body: dict, record_path: Path) -> None:
     need(isinstance(body.get("normalized"), bool), f"normalized {body.get('normalized')!r}")
     parts = body.get("parts")
     need(isinstance(parts, list), "parts is not a list")
-    for part in parts:
-        need(isinstance(part, dict) and isinstance(part.get("file"), str) and bool(_PART_NAME.match(part["file"]))
-             and all(type(part.get(k)) is int and part[k] >= 0 for k in ("rows", "bytes", "crc32")),
-             f"part entry {part!r}")
-    need(len({p["file"] for p in parts}) == len(parts), "a part file is listed twice")
+    skipped = body.get("skipped", [])
+    need(isinstance(skipped, list), "skipped is not a list")
+    for entries, pattern in ((parts, _PART_NAME), (skipped, _SKIP_PART_NAME)):
+        for part in entries:
+            need(isinstance(part, dict) and isinstance(part.get("file"), str) and bool(pattern.match(part["file"]))
+                 and all(type(part.get(k)) is int and part[k] >= 0 for k in ("rows", "bytes", "crc32")),
+                 f"part entry {part!r}")
+        need(len({p["file"] for p in entries}) == len(entries), "a part file is listed twice")
     need(sum(p["rows"] for p in parts) == rows, f"part rows add up to {sum(p['rows'] for p in parts)}, not {rows}")
 
 
@@ -171,9 +180,13 @@ class EmbeddingStore:
     @classmethod
     def create(cls, path: str | os.PathLike, dim: int, dtype: Any = "float16", model: str | None = None,
                pretrained: str | None = None, normalized: bool = False,
-               matrices: Sequence[str] = DEFAULT_MATRICES) -> "EmbeddingStore":
-        """Create an empty store at PATH (a new or empty directory) and return it open for appending."""
+               matrices: Sequence[str] = DEFAULT_MATRICES, record: Mapping[str, Any] | None = None) -> "EmbeddingStore":
+        """Create an empty store at PATH (a new or empty directory) and return it open for appending.
+
+        `record` adds free-form top-level fields to the commit record (e.g. {"embed": {...}}), see `append`.
+        """
         path = Path(path)
+        extra = _record_fields(record)
         name = dtype_name(dtype)
         if type(dim) is not int and not isinstance(dim, np.integer) or not 1 <= int(dim) <= MAX_DIM:
             raise InputError(f"dim must be an integer in 1..{MAX_DIM}, got {dim!r}")
@@ -198,6 +211,7 @@ class EmbeddingStore:
             "normalized": bool(normalized),
             "cfbd_fast_version": __version__,
             "parts": [],
+            **extra,
         }
         _core.replace_file_atomic(str(path / COMMIT_RECORD), encode_commit_record(body))
         return cls(path, core, body, writable=True)
@@ -209,7 +223,7 @@ class EmbeddingStore:
             raise InputError(f"mode must be 'r' or 'a', got {mode!r}")
         path = Path(path)
         body = read_commit_record(path)
-        for part in body["parts"]:
+        for part in body["parts"] + body.get("skipped", []):
             part_path = path / part["file"]
             try:
                 size = part_path.stat().st_size
@@ -294,11 +308,22 @@ class EmbeddingStore:
         return {"path": str(self._path), "rows": body["rows"], "dim": body["dim"], "dtype": body["dtype"],
                 "matrices": list(body["matrices"]), "model": body["model"], "pretrained": body["pretrained"],
                 "normalized": body["normalized"], "cfbd_fast_version": body["cfbd_fast_version"],
-                "format_version": body["format_version"], "size_bytes": size, "fingerprint": self.fingerprint}
+                "format_version": body["format_version"], "size_bytes": size, "fingerprint": self.fingerprint,
+                "skipped": self.skipped_count}
+
+    @property
+    def skipped_count(self) -> int:
+        """Number of inputs listed in the skip list (inputs a writer could not embed)."""
+        return sum(p["rows"] for p in self._body.get("skipped", []))
+
+    @property
+    def record(self) -> dict:
+        """A copy of the commit record's body (store.json without `sha256`), free-form fields included."""
+        return json.loads(json.dumps(self._body))
 
     def _files(self) -> list[Path]:
         return ([self._path / COMMIT_RECORD] + [self._path / f"{m}.emb" for m in self._body["matrices"]]
-                + [self._path / p["file"] for p in self._body["parts"]])
+                + [self._path / p["file"] for p in self._body["parts"] + self._body.get("skipped", [])])
 
     # ---- reading ---------------------------------------------------------------------------------------
 
@@ -320,10 +345,15 @@ class EmbeddingStore:
 
     @property
     def meta(self):
-        """Per-row metadata (pyarrow Table): row_id, caption, key and, when recorded, is_poisoned."""
+        """Per-row metadata (pyarrow Table): row_id, caption, key and, when recorded, source and is_poisoned."""
         if self._meta is None:
             self._meta = _read_meta(self._path, self._body)
         return self._meta
+
+    @property
+    def skipped(self):
+        """The skip list (pyarrow Table): key, source, reason, detail of each input that was not embedded."""
+        return _read_skipped(self._path, self._body)
 
     def iter_chunks(self, rows: int = 65536, matrices: Sequence[str] | None = None, start: int = 0,
                     stop: int | None = None) -> Iterator[Chunk]:
@@ -373,12 +403,16 @@ class EmbeddingStore:
 
     # ---- writing ---------------------------------------------------------------------------------------
 
-    def append(self, image: Any = None, text: Any = None, meta: Any = None, **matrices: Any) -> None:
+    def append(self, image: Any = None, text: Any = None, meta: Any = None, *, skipped: Any = None,
+               record: Mapping[str, Any] | None = None, **matrices: Any) -> None:
         """Append rows to every matrix plus their metadata as one committed batch.
 
         `meta` is a dict of columns, a pyarrow Table or a pandas DataFrame with `caption`, `key` and optionally
-        `is_poisoned`; row ids are assigned. The rows are durable and visible once this returns; a crash before
-        that leaves the store at its previous commit.
+        `source` and `is_poisoned`; row ids are assigned. `skipped` (same kinds, columns key, source, reason,
+        detail) adds entries to the store's skip list, and `record` replaces free-form top-level fields of the
+        commit record (e.g. a writer's resume position), both in the same commit, which may hold zero rows.
+        The batch is durable and visible once this returns; a crash before that leaves the store at its
+        previous commit.
         """
         core = self._open_core()
         if not self._writable:
@@ -394,16 +428,32 @@ class EmbeddingStore:
             raise InputError("append: every matrix needs the same number of rows, got "
                              + ", ".join(f"{n}={a.shape[0]}" for n, a in zip(self.matrices, arrays)))
         table = _meta_table(meta, start=len(self), rows=rows)
-        if rows == 0:
+        skip_table = None if skipped is None else _skip_table(skipped)
+        if skip_table is not None and skip_table.num_rows == 0:
+            skip_table = None
+        extra = _record_fields(record)
+        if rows == 0 and skip_table is None and not extra:
             return
-        part_bytes = _parquet_bytes(table)
-        part_file = f"{META_DIR}/part-{len(self._body['parts']):06d}.parquet"
-        body = {**self._body, "rows": len(self) + rows,
-                "parts": self._body["parts"] + [{"file": part_file, "rows": rows, "bytes": len(part_bytes),
-                                                 "crc32": zlib.crc32(part_bytes)}]}
+        body = {**self._body, **extra}
+        files = []
+        if rows:
+            part_bytes = _parquet_bytes(table)
+            part_file = f"{META_DIR}/part-{len(self._body['parts']):06d}.parquet"
+            body.update(rows=len(self) + rows, parts=self._body["parts"] + [_part_entry(part_file, rows, part_bytes)])
+            files.append((part_file, part_bytes))
+        if skip_table is not None:
+            listed = self._body.get("skipped", [])
+            skip_bytes = _parquet_bytes(skip_table)
+            skip_file = f"{SKIP_DIR}/part-{len(listed):06d}.parquet"
+            body["skipped"] = listed + [_part_entry(skip_file, skip_table.num_rows, skip_bytes)]
+            files.append((skip_file, skip_bytes))
         try:
-            core.append(arrays)
-            _core.write_file_durable(str(self._path / part_file), part_bytes)
+            if rows:
+                core.append(arrays)
+            if skip_table is not None:
+                (self._path / SKIP_DIR).mkdir(exist_ok=True)
+            for name, data in files:
+                _core.write_file_durable(str(self._path / name), data)
             _core.replace_file_atomic(str(self._path / COMMIT_RECORD), encode_commit_record(body))
         except BaseException:
             # On disk the store is at its last commit (or this one); reopening with mode="a" resumes cleanly.
@@ -493,22 +543,50 @@ def _rows_have_unit_norm(batch: np.ndarray, block_rows: int = 8192) -> bool:
 
 def _remove_uncommitted_files(path: Path, body: dict) -> None:
     """Delete part files and a temporary commit record left by an append that never committed."""
-    committed = {p["file"] for p in body["parts"]}
-    for part in (path / META_DIR).glob("part-*.parquet"):
-        if f"{META_DIR}/{part.name}" not in committed:
-            part.unlink()
+    committed = {p["file"] for p in body["parts"] + body.get("skipped", [])}
+    for folder in (META_DIR, SKIP_DIR):
+        for part in (path / folder).glob("part-*.parquet"):
+            if f"{folder}/{part.name}" not in committed:
+                part.unlink()
     (path / (COMMIT_RECORD + ".tmp")).unlink(missing_ok=True)
+
+
+def _record_fields(record: Mapping[str, Any] | None) -> dict:
+    """Free-form commit-record fields, checked: JSON-serialisable and not one of the store's own keys."""
+    if record is None:
+        return {}
+    if not isinstance(record, Mapping):
+        raise InputError(f"record must be a dict of top-level fields, got {type(record).__name__}")
+    reserved = sorted(set(record) & _RESERVED_KEYS)
+    if reserved:
+        raise InputError(f"record cannot set the store's own fields {reserved}")
+    try:
+        return json.loads(json.dumps(dict(record), sort_keys=True, allow_nan=False))
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"record fields must be plain JSON values: {exc}") from None
+
+
+def _part_entry(file: str, rows: int, data: bytes) -> dict:
+    return {"file": file, "rows": rows, "bytes": len(data), "crc32": zlib.crc32(data)}
 
 
 # ---- metadata ------------------------------------------------------------------------------------------
 
-def _meta_schema(with_poison: bool):
+def _meta_schema(with_poison: bool, with_source: bool = False):
     import pyarrow as pa
 
     fields = [pa.field("row_id", pa.int64()), pa.field("caption", pa.string()), pa.field("key", pa.string())]
+    if with_source:
+        fields.append(pa.field("source", pa.string()))
     if with_poison:
         fields.append(pa.field("is_poisoned", pa.bool_()))
     return pa.schema(fields)
+
+
+def _skip_schema():
+    import pyarrow as pa
+
+    return pa.schema([pa.field(name, pa.string()) for name in SKIP_COLUMNS])
 
 
 def _as_table(meta: Any):
@@ -539,8 +617,10 @@ def _meta_table(meta: Any, start: int, rows: int):
     if table.num_rows != rows:
         raise InputError(f"meta has {table.num_rows} rows but the arrays have {rows}")
     with_poison = "is_poisoned" in table.column_names
-    for name, kind in (("caption", pa.string()), ("key", pa.string()), ("is_poisoned", pa.bool_())):
-        if name == "is_poisoned" and not with_poison:
+    with_source = "source" in table.column_names
+    for name, kind in (("caption", pa.string()), ("key", pa.string()), ("source", pa.string()),
+                       ("is_poisoned", pa.bool_())):
+        if (name == "is_poisoned" and not with_poison) or (name == "source" and not with_source):
             continue
         if name not in table.column_names:
             columns[name] = pa.nulls(rows, kind)
@@ -549,7 +629,27 @@ def _meta_table(meta: Any, start: int, rows: int):
             columns[name] = table.column(name).cast(kind)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
             raise InputError(f"meta column {name!r} cannot be read as {kind}: {exc}") from None
-    return pa.table(columns, schema=_meta_schema(with_poison))
+    return pa.table(columns, schema=_meta_schema(with_poison, with_source))
+
+
+def _skip_table(skipped: Any):
+    """Skip-list entries in the store's schema: key, source, reason, detail (all strings, may be null)."""
+    import pyarrow as pa
+
+    table = _as_table(skipped)
+    unknown = sorted(set(table.column_names) - set(SKIP_COLUMNS))
+    if unknown:
+        raise InputError(f"skipped has unknown columns {unknown}: expected {', '.join(SKIP_COLUMNS)}")
+    columns = {}
+    for name in SKIP_COLUMNS:
+        if name not in table.column_names:
+            columns[name] = pa.nulls(table.num_rows, pa.string())
+            continue
+        try:
+            columns[name] = table.column(name).cast(pa.string())
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+            raise InputError(f"skipped column {name!r} cannot be read as strings: {exc}") from None
+    return pa.table(columns, schema=_skip_schema())
 
 
 def _parquet_bytes(table) -> bytes:
@@ -561,40 +661,64 @@ def _parquet_bytes(table) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-def _read_meta(path: Path, body: dict):
+def _read_part(path: Path, part: dict, what: str):
+    """One committed parquet part, its size and checksum checked against the commit record."""
     import pyarrow as pa
     import pyarrow.parquet as pq
+
+    part_path = path / part["file"]
+    try:
+        data = part_path.read_bytes()
+    except FileNotFoundError:
+        raise StoreFormatError(f"{part_path}: missing (the commit record lists it)") from None
+    if len(data) != part["bytes"] or zlib.crc32(data) != part["crc32"]:
+        raise StoreFormatError(f"{part_path}: corrupt {what} part (size or checksum differs from the commit record)")
+    try:
+        # No arrow thread pool for these small parts: its workers can outlive the interpreter and abort
+        # the process at exit (apache/arrow#34314).
+        return pq.read_table(pa.BufferReader(data), use_threads=False)
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise StoreFormatError(f"{part_path}: unreadable {what} part ({exc})") from None
+
+
+def _read_meta(path: Path, body: dict):
+    import pyarrow as pa
 
     tables = []
     start = 0
     for part in body["parts"]:
-        part_path = path / part["file"]
-        try:
-            data = part_path.read_bytes()
-        except FileNotFoundError:
-            raise StoreFormatError(f"{part_path}: missing (the commit record lists it)") from None
-        if len(data) != part["bytes"] or zlib.crc32(data) != part["crc32"]:
-            raise StoreFormatError(f"{part_path}: corrupt metadata part (size or checksum differs from the commit "
-                                   "record)")
-        try:
-            # No arrow thread pool for these small parts: its workers can outlive the interpreter and abort
-            # the process at exit (apache/arrow#34314).
-            table = pq.read_table(pa.BufferReader(data), use_threads=False)
-        except (pa.ArrowException, OSError, ValueError) as exc:
-            raise StoreFormatError(f"{part_path}: unreadable metadata part ({exc})") from None
+        table = _read_part(path, part, "metadata")
         with_poison = "is_poisoned" in table.column_names
+        with_source = "source" in table.column_names
         row_ids = table.column("row_id").to_numpy() if "row_id" in table.column_names else None
-        if (table.schema != _meta_schema(with_poison) or table.num_rows != part["rows"]
+        if (table.schema != _meta_schema(with_poison, with_source) or table.num_rows != part["rows"]
                 or not np.array_equal(row_ids, np.arange(start, start + part["rows"]))):
-            raise StoreFormatError(f"{part_path}: metadata part does not match the commit record (expected "
+            raise StoreFormatError(f"{path / part['file']}: metadata part does not match the commit record (expected "
                                    f"{part['rows']} rows from row id {start} with columns row_id, caption, key)")
         tables.append(table)
         start += part["rows"]
     if not tables:
         return _meta_schema(False).empty_table()
     with_poison = any("is_poisoned" in t.column_names for t in tables)
-    schema = _meta_schema(with_poison)
-    if with_poison:
-        tables = [t if "is_poisoned" in t.column_names else t.append_column("is_poisoned", pa.nulls(t.num_rows, pa.bool_()))
-                  for t in tables]
-    return pa.concat_tables(tables).cast(schema)
+    with_source = any("source" in t.column_names for t in tables)
+    schema = _meta_schema(with_poison, with_source)
+    filled = []
+    for table in tables:
+        for name, kind in (("source", pa.string()), ("is_poisoned", pa.bool_())):
+            if schema.get_field_index(name) >= 0 and name not in table.column_names:
+                table = table.append_column(name, pa.nulls(table.num_rows, kind))
+        filled.append(table.select(schema.names))
+    return pa.concat_tables(filled).cast(schema)
+
+
+def _read_skipped(path: Path, body: dict):
+    import pyarrow as pa
+
+    tables = []
+    for part in body.get("skipped", []):
+        table = _read_part(path, part, "skip list")
+        if table.schema != _skip_schema() or table.num_rows != part["rows"]:
+            raise StoreFormatError(f"{path / part['file']}: skip-list part does not match the commit record (expected "
+                                   f"{part['rows']} rows with columns {', '.join(SKIP_COLUMNS)})")
+        tables.append(table)
+    return pa.concat_tables(tables) if tables else _skip_schema().empty_table()

@@ -85,6 +85,7 @@ def env(json_out: Json = False) -> None:
 
 def _register() -> None:
     from . import demo as demo_cli
+    from . import embed as embed_cli
     from . import mapper as mapper_cli
     from . import poison as poison_cli
     from . import scan as scan_cli
@@ -94,6 +95,7 @@ def _register() -> None:
     app.command("train-mapper")(mapper_cli.train_mapper)
     app.command("scan")(scan_cli.scan)
     app.command("demo")(demo_cli.demo)
+    app.command("embed")(embed_cli.embed)
     app.command("poison")(poison_cli.poison)
 
 

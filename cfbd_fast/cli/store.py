@@ -43,6 +43,7 @@ def _print_info(info: dict, health: dict | None) -> None:
     lines = [
         ("path", info["path"]),
         ("rows", f"{info['rows']:,}"),
+        ("skipped", f"{info.get('skipped', 0):,} inputs in the skip list"),
         ("dim", info["dim"]),
         ("dtype", info["dtype"]),
         ("matrices", ", ".join(info["matrices"])),

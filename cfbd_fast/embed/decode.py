@@ -1,0 +1,109 @@
+"""Image decoding for `cfbd-fast embed`: PIL + open_clip's own preprocessing on CPU, or batched nvJPEG on CUDA.
+
+Both raise or report `DecodeError(reason, detail)` for files that are not usable images, so the runner can
+list them in the store's skip list instead of crashing.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+from typing import Callable
+
+import torch
+
+
+class DecodeError(Exception):
+    """An input that cannot be embedded; `reason` is a short category counted in the summary."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def is_jpeg(data: bytes) -> bool:
+    return data[:3] == b"\xff\xd8\xff"
+
+
+def read_image_file(path: str) -> bytes:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except FileNotFoundError:
+        raise DecodeError("missing file", path) from None
+    except OSError as exc:
+        raise DecodeError("unreadable file", f"{path}: {exc.strerror or exc}") from None
+
+
+def decode_cpu(data: bytes, preprocess: Callable) -> torch.Tensor:
+    """Decode fully with PIL (truncated files fail here) and apply open_clip's inference transform."""
+    from PIL import Image, UnidentifiedImageError
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PIL's palette/transparency and size warnings: not actionable here
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                image.load()
+                return preprocess(image)
+        except UnidentifiedImageError:
+            raise DecodeError("not an image", f"{len(data)} bytes that PIL cannot identify") from None
+        except Image.DecompressionBombError as exc:
+            raise DecodeError("too large", str(exc)) from None
+        except Exception as exc:  # truncated or corrupt data surfaces as OSError, SyntaxError, ValueError, zlib.error...
+            raise DecodeError("corrupt image", f"{type(exc).__name__}: {exc}") from None
+
+
+class GpuPreprocess:
+    """Batched JPEG decode (nvJPEG via torchvision), resize, center crop and normalise on a CUDA device.
+
+    Mirrors open_clip's inference transform for its `shortest` (square) and `squash` resize modes; `supports`
+    says whether a model's preprocessing can run here (otherwise every image is decoded on CPU).
+    """
+
+    def __init__(self, preprocess_cfg: dict, device: str):
+        size = preprocess_cfg.get("size", 224)
+        self.size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+        self.resize_mode = preprocess_cfg.get("resize_mode", "shortest")
+        self.bilinear = preprocess_cfg.get("interpolation") == "bilinear"
+        self.device = device
+        self.mean = torch.tensor(preprocess_cfg.get("mean", (0.48145466, 0.4578275, 0.40821073)),
+                                 device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(preprocess_cfg.get("std", (0.26862954, 0.26130258, 0.27577711)),
+                                device=device).view(1, 3, 1, 1)
+
+    @staticmethod
+    def supports(preprocess_cfg: dict) -> bool:
+        size = preprocess_cfg.get("size", 224)
+        square = not isinstance(size, (tuple, list)) or size[0] == size[1]
+        mode = preprocess_cfg.get("resize_mode", "shortest")
+        return torch.cuda.is_available() and (mode == "squash" or (mode == "shortest" and square))
+
+    def __call__(self, encoded: list[torch.Tensor]) -> list[torch.Tensor | DecodeError]:
+        """Decode and preprocess a batch; each entry is a (3, H, W) float tensor on the device or a DecodeError."""
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torchvision 0.29 deprecates decode_jpeg in favour of torchcodec
+            try:
+                images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self.device)
+            except RuntimeError:  # one bad file fails the batch: decode one at a time to find it
+                images = []
+                for data in encoded:
+                    try:
+                        images.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device))
+                    except RuntimeError as exc:
+                        images.append(DecodeError("corrupt image", f"nvJPEG: {str(exc).splitlines()[0]}"))
+        return [image if isinstance(image, DecodeError) else self._resize(image) for image in images]
+
+    def _resize(self, image: torch.Tensor) -> torch.Tensor:
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms.v2 import functional as F
+
+        mode = InterpolationMode.BILINEAR if self.bilinear else InterpolationMode.BICUBIC
+        if self.resize_mode == "squash":
+            image = F.resize(image, list(self.size), interpolation=mode, antialias=True)
+        else:
+            image = F.resize(image, [self.size[0]], interpolation=mode, antialias=True)
+            image = F.center_crop(image, list(self.size))
+        pixels = image.unsqueeze(0).float().div_(255)
+        return ((pixels - self.mean) / self.std)[0]

@@ -1,0 +1,365 @@
+"""`embed`: images and captions -> L2-normalised open_clip embeddings in a store, resumably.
+
+The input is cut into commit chunks of `commit_rows` samples per unit (table, shard, tar) and each chunk into
+model batches, independently of timing, so a killed run resumed with the same arguments writes exactly the
+bytes an uninterrupted run writes. Decoding and preprocessing run in torch DataLoader workers; the model runs
+in the main process under inference_mode (fp16 autocast on CUDA, JPEGs decoded there with nvJPEG).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, NamedTuple
+
+import numpy as np
+import torch
+
+from ..errors import InputError
+from ..progress import progress_bar
+from ..store import COMMIT_RECORD, EmbeddingStore, dtype_name
+from .decode import DecodeError, GpuPreprocess, decode_cpu, is_jpeg, read_image_file
+from .models import LoadedModel, describe, load_model, model_identity, same_model
+from .sources import Sample, Source, open_source
+
+COMMIT_ROWS = 4096
+BATCH_SIZE = 128
+_RECORD_KEY = "embed"
+
+
+@dataclass
+class EmbedSummary:
+    """What one `embed` call did; `to_dict()` is the CLI's --json output."""
+
+    store: str
+    model: str
+    pretrained: str | None
+    dim: int
+    dtype: str
+    device: str
+    decode: str  # "cpu" or "gpu+cpu" (JPEGs on the GPU, other formats on CPU)
+    workers: int
+    batch_size: int
+    rows_written: int
+    rows_total: int
+    inputs_read: int
+    skipped: int
+    skipped_by_reason: dict[str, int]
+    resumed: bool
+    seconds: float
+    load_seconds: float
+    samples_per_s: float
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class _Task(NamedTuple):
+    """One model batch for a loader worker; `commit` is the resume position once the batch's chunk is done."""
+
+    samples: list[Sample]
+    commit: tuple[int, int] | None
+
+
+class _Plan:
+    """The deterministic sequence of batches from a resume position: the loader's 'sampler'."""
+
+    def __init__(self, source: Source, position: tuple[int, int], commit_rows: int, batch_size: int):
+        self.source, self.position, self.commit_rows, self.batch_size = source, position, commit_rows, batch_size
+
+    def __iter__(self) -> Iterator[_Task]:
+        end = object()
+        first_unit, first_offset = self.position
+        for unit_index in range(first_unit, len(self.source.units)):
+            offset = first_offset if unit_index == first_unit else 0
+            items = self.source.units[unit_index].items(offset)
+            pending = next(items, end)
+            while pending is not end:
+                left = self.commit_rows
+                while left and pending is not end:
+                    batch = []
+                    while len(batch) < min(self.batch_size, left) and pending is not end:
+                        batch.append(pending)
+                        pending = next(items, end)
+                    left -= len(batch)
+                    offset += len(batch)
+                    closes = left == 0 or pending is end
+                    commit = ((unit_index + 1, 0) if pending is end else (unit_index, offset)) if closes else None
+                    yield _Task(batch, commit)
+
+
+class _BatchDecoder(torch.utils.data.Dataset):
+    """Runs in loader workers: reads and decodes a batch's images, tokenizes its captions."""
+
+    def __init__(self, preprocess, tokenizer, keep_jpeg: bool):
+        self.preprocess, self.tokenizer, self.keep_jpeg = preprocess, tokenizer, keep_jpeg
+
+    def __len__(self) -> int:  # the plan is a stream; the loader never asks for a length
+        raise TypeError("a streamed plan has no length")
+
+    def __getitem__(self, task: _Task) -> dict:
+        started = time.perf_counter()
+        pixels, encoded, on_gpu, kept, skips = [], [], [], [], []
+        for sample in task.samples:
+            if sample.skip is not None:
+                skips.append((sample.key, sample.source, *sample.skip))
+                continue
+            try:
+                data = sample.image_bytes if sample.image_bytes is not None else read_image_file(sample.image_path)
+                if self.keep_jpeg and is_jpeg(data):
+                    encoded.append(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+                    on_gpu.append(True)
+                else:
+                    pixels.append(decode_cpu(data, self.preprocess))
+                    on_gpu.append(False)
+            except DecodeError as exc:
+                skips.append((sample.key, sample.source, exc.reason, exc.detail))
+                continue
+            kept.append((sample.key, sample.source, sample.caption, sample.is_poisoned))
+        tokens = self.tokenizer([caption for _, _, caption, _ in kept]) if kept else None
+        return {"pixels": torch.stack(pixels) if pixels else None, "encoded": encoded, "on_gpu": on_gpu,
+                "tokens": tokens, "kept": kept, "skips": skips, "commit": task.commit, "inputs": len(task.samples),
+                "decode_s": time.perf_counter() - started}
+
+
+def _unbatched(item: Any) -> Any:
+    return item
+
+
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def default_workers() -> int:
+    """Loader workers: every available core but one for the main process (none on a single core), at most 16."""
+    return max(0, min(available_cores() - 1, 16))
+
+
+def embed(data: str | os.PathLike, out: str | os.PathLike, model: str, pretrained: str | None = None, *,
+          image_column: str = "image", caption_column: str = "caption", batch_size: int = BATCH_SIZE,
+          workers: int | None = None, device: str | None = None, dtype: str = "float16",
+          commit_rows: int = COMMIT_ROWS, gpu_decode: bool | None = None, overwrite: bool = False,
+          append: bool = False, progress: bool = False) -> EmbedSummary:
+    """Embed the image-caption pairs of DATA with an open_clip model into the store OUT (created or resumed).
+
+    DATA: a CSV/TSV with image paths (relative to the file) and captions, an img2dataset `files` folder, or
+    webdataset .tar shards (a folder, one file or a glob). `pretrained`: an open_clip tag, a local checkpoint,
+    or None/"none" for seeded random weights. An existing OUT written from the same input and model is
+    continued after its last commit; another input needs `append=True` (rows go after the existing ones) or
+    `overwrite=True`; another model is always refused unless `overwrite=True`.
+    """
+    started = time.perf_counter()
+    if batch_size < 1 or commit_rows < 1:
+        raise InputError(f"--batch-size and --commit-rows must be at least 1, got {batch_size} and {commit_rows}")
+    if overwrite and append:
+        raise InputError("--overwrite and --append exclude each other: choose one")
+    dtype = dtype_name(dtype)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA device is available; use --device cpu")
+    workers = default_workers() if workers is None else workers
+    if workers < 0:
+        raise InputError(f"--workers must be 0 or more, got {workers}")
+
+    source = open_source(data, image_column=image_column, caption_column=caption_column)
+    identity = model_identity(model, pretrained)
+    store, position, resumed = _open_store(Path(out), source, identity, dtype, overwrite, append)
+    with store:
+        threads = torch.get_num_threads()
+        if device == "cpu":
+            torch.set_num_threads(max(1, available_cores() - workers))  # the model gets the cores workers leave
+        try:
+            loaded = load_model(model, pretrained, device=device)
+            load_seconds = time.perf_counter() - started
+            gpu = device.startswith("cuda") and (gpu_decode is not False) and GpuPreprocess.supports(loaded.preprocess_cfg)
+            if gpu_decode and not gpu:
+                raise InputError("--gpu-decode needs a CUDA device and a model whose preprocessing resizes the "
+                                 "shortest side to a square (or squashes)")
+            counts = _run(store, source, loaded, position, batch_size, workers, commit_rows, gpu, progress)
+        finally:
+            torch.set_num_threads(threads)
+        loop_seconds = counts.pop("loop_s")
+        seconds = time.perf_counter() - started
+        return EmbedSummary(
+            store=str(out), model=identity["name"], pretrained=identity["pretrained"], dim=identity["dim"],
+            dtype=dtype, device=device, decode="gpu+cpu" if gpu else "cpu", workers=workers, batch_size=batch_size,
+            rows_written=counts["rows"], rows_total=len(store), inputs_read=counts["inputs"],
+            skipped=sum(counts["skipped"].values()), skipped_by_reason=dict(sorted(counts["skipped"].items())),
+            resumed=resumed, seconds=round(seconds, 3), load_seconds=round(load_seconds, 3),
+            samples_per_s=round(counts["inputs"] / loop_seconds, 1) if loop_seconds > 0 else 0.0,
+            timings={k: round(v, 3) for k, v in counts["timings"].items()} | {"loop_s": round(loop_seconds, 3)})
+
+
+def _run(store: EmbeddingStore, source: Source, loaded: LoadedModel, position: tuple[int, int], batch_size: int,
+         workers: int, commit_rows: int, gpu: bool, progress: bool) -> dict:
+    cuda = loaded.device.startswith("cuda")
+    record = store.record[_RECORD_KEY]
+    plan = _Plan(source, position, commit_rows, batch_size)
+    decoder = _BatchDecoder(loaded.preprocess, loaded.tokenizer, keep_jpeg=gpu)
+    loader = torch.utils.data.DataLoader(decoder, batch_size=None, sampler=plan, num_workers=workers,
+                                         collate_fn=_unbatched, pin_memory=cuda)
+    gpu_preprocess = GpuPreprocess(loaded.preprocess_cfg, loaded.device) if gpu else None
+    autocast = torch.autocast("cuda", dtype=torch.float16) if cuda else contextlib.nullcontext()
+    timings = Counter()
+    skipped = Counter()
+    done = {"rows": 0, "inputs": 0}
+    chunk = _Chunk(source.has_poison_labels)
+    remaining = _remaining(source, position)
+    loop_started = time.perf_counter()
+    with progress_bar("embedding", total=remaining, enabled=progress, unit="samples", rate=True) as bar, \
+            torch.inference_mode():
+        waited = time.perf_counter()
+        for result in loader:
+            now = time.perf_counter()
+            timings["wait_s"] += now - waited
+            timings["decode_s"] += result["decode_s"]
+            pixels, rows, skips = _assemble(result, gpu_preprocess, loaded, timings)
+            kept = [result["kept"][i] for i in rows]
+            if kept:
+                tick = time.perf_counter()
+                tokens = result["tokens"] if len(rows) == len(result["kept"]) else result["tokens"][rows]
+                with autocast:
+                    image = loaded.model.encode_image(pixels.to(loaded.device, non_blocking=True))
+                    text = loaded.model.encode_text(tokens.to(loaded.device, non_blocking=True))
+                image = torch.nn.functional.normalize(image.float(), dim=-1).cpu().numpy()
+                text = torch.nn.functional.normalize(text.float(), dim=-1).cpu().numpy()
+                timings["model_s"] += time.perf_counter() - tick
+                chunk.add(image, text, kept)
+            chunk.skips.extend(skips)
+            skipped.update(reason for _, _, reason, _ in skips)
+            done["rows"] += len(kept)
+            done["inputs"] += result["inputs"]
+            if result["commit"] is not None:
+                tick = time.perf_counter()
+                chunk.commit(store, {**record, "input": source.identity(), "position": list(result["commit"])})
+                timings["write_s"] += time.perf_counter() - tick
+                chunk = _Chunk(source.has_poison_labels)
+            bar.advance(result["inputs"])
+            waited = time.perf_counter()
+    return {"rows": done["rows"], "inputs": done["inputs"], "skipped": skipped, "timings": timings,
+            "loop_s": time.perf_counter() - loop_started}
+
+
+def _assemble(result: dict, gpu_preprocess: GpuPreprocess | None, loaded: LoadedModel,
+              timings: Counter) -> tuple[torch.Tensor | None, list[int], list]:
+    """The batch's pixels in input order (CPU-decoded rows plus GPU-decoded JPEGs), the indices of the decoded
+    samples in `result["kept"]`, and the skip entries (the worker's plus JPEGs the GPU could not decode)."""
+    skips = list(result["skips"])
+    if not result["encoded"]:
+        return result["pixels"], list(range(len(result["kept"]))), skips
+    tick = time.perf_counter()
+    decoded = iter(gpu_preprocess(result["encoded"]))
+    cpu_rows = iter(result["pixels"] if result["pixels"] is not None else [])
+    pixels, rows = [], []
+    for index, (item, on_gpu) in enumerate(zip(result["kept"], result["on_gpu"])):
+        row = next(decoded) if on_gpu else next(cpu_rows).to(loaded.device, non_blocking=True)
+        if isinstance(row, DecodeError):
+            skips.append((item[0], item[1], row.reason, row.detail))
+            continue
+        pixels.append(row)
+        rows.append(index)
+    timings["gpu_decode_s"] += time.perf_counter() - tick
+    return (torch.stack(pixels) if pixels else None), rows, skips
+
+
+class _Chunk:
+    """Rows and skip-list entries of one commit chunk, appended to the store in one commit."""
+
+    def __init__(self, has_poison_labels: bool):
+        self.images, self.texts, self.kept, self.skips = [], [], [], []
+        self.has_poison_labels = has_poison_labels
+
+    def add(self, image: np.ndarray, text: np.ndarray, kept: list) -> None:
+        self.images.append(image)
+        self.texts.append(text)
+        self.kept.extend(kept)
+
+    def commit(self, store: EmbeddingStore, record: dict) -> None:
+        dim = store.dim
+        image = np.concatenate(self.images) if self.images else np.empty((0, dim), np.float32)
+        text = np.concatenate(self.texts) if self.texts else np.empty((0, dim), np.float32)
+        meta = {"key": [k for k, _, _, _ in self.kept], "caption": [c for _, _, c, _ in self.kept],
+                "source": [s for _, s, _, _ in self.kept]}
+        poisoned = [p for _, _, _, p in self.kept]
+        if self.has_poison_labels or any(p is not None for p in poisoned):
+            meta["is_poisoned"] = poisoned
+        skipped = None
+        if self.skips:
+            skipped = {name: [entry[i] for entry in self.skips]
+                       for i, name in enumerate(("key", "source", "reason", "detail"))}
+        store.append(image=image, text=text, meta=meta, skipped=skipped, record={_RECORD_KEY: record})
+
+
+def _remaining(source: Source, position: tuple[int, int]) -> int | None:
+    unit, offset = position
+    counts = [u.expected for u in source.units[unit:]]
+    if any(c is None for c in counts):
+        return None
+    return max(0, sum(counts) - offset)
+
+
+# ---- the store: create, resume, refuse ----------------------------------------------------------------
+
+def _same_input(old: dict, new: dict) -> bool:
+    """Same data and options; the path may differ (a moved folder with the same contents still resumes)."""
+    return {k: v for k, v in old.items() if k != "path"} == {k: v for k, v in new.items() if k != "path"}
+
+
+def _describe_input(identity: dict) -> str:
+    options = ", ".join(f"{k}={v}" for k, v in identity.items() if k not in ("kind", "path", "fingerprint"))
+    return f"{identity.get('kind')} {identity.get('path')} ({options + ', ' if options else ''}" \
+           f"fingerprint {str(identity.get('fingerprint'))[:12]})"
+
+
+def _open_store(out: Path, source: Source, identity: dict, dtype: str, overwrite: bool,
+                append: bool) -> tuple[EmbeddingStore, tuple[int, int], bool]:
+    """Create OUT, or reopen it for appending after checking that it holds this model's (and input's) vectors."""
+    fresh_record = {"input": source.identity(), "model": identity, "position": [0, 0], "first_row": 0}
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out} is a file; --out names a store directory (e.g. data.cfbd)")
+    exists = out.is_dir() and any(out.iterdir())
+    if exists and overwrite:
+        if not ((out / COMMIT_RECORD).is_file() or any(out.glob("*.emb"))):
+            raise InputError(f"{out} is not a cfbd store; --overwrite only replaces stores: choose another --out")
+        shutil.rmtree(out)
+        exists = False
+    if not exists:
+        store = EmbeddingStore.create(out, dim=identity["dim"], dtype=dtype, model=identity["name"],
+                                      pretrained=identity["pretrained"], normalized=True,
+                                      record={_RECORD_KEY: fresh_record})
+        return store, (0, 0), False
+    store = EmbeddingStore.open(out, mode="a")
+    try:
+        record = store.record.get(_RECORD_KEY)
+        if record is not None:
+            old_model = record.get("model", {})
+            model_matches = same_model(old_model, identity)
+        else:
+            old_model = {"name": store.model or "an unknown model", "pretrained": store.pretrained, "dim": store.dim}
+            model_matches = (store.model == identity["name"] and store.pretrained == identity["pretrained"]
+                             and store.dim == identity["dim"])
+        if not model_matches:
+            raise InputError(f"{out} holds embeddings of {describe(old_model)}; this run embeds {describe(identity)}. "
+                             "Vectors of different models cannot share a store: choose another --out, or pass "
+                             "--overwrite to replace it")
+        if store.record["dtype"] != dtype:
+            raise InputError(f"{out} stores {store.record['dtype']} vectors; this run asks for {dtype}: pass --dtype "
+                             f"{store.record['dtype']} to continue it, or --overwrite")
+        if record is not None and _same_input(record["input"], source.identity()):
+            return store, tuple(record["position"]), True
+        if not append:
+            what = (f"was embedded from {_describe_input(record['input'])}" if record is not None
+                    else "holds rows not written by cfbd-fast embed")
+            raise InputError(f"{out} {what}, not from {_describe_input(source.identity())}: pass --append to add "
+                             f"these rows after its {len(store)}, --overwrite to start over, or choose another --out")
+        store.append(record={_RECORD_KEY: {**fresh_record, "first_row": len(store)}})
+        return store, (0, 0), False
+    except BaseException:
+        store.close()
+        raise
+
