@@ -166,9 +166,11 @@ def template_captions(target: str, rows: Iterable[int], seed: int) -> list[str]:
         len(IMAGENET_TEMPLATES)))].format(target) for r in rows]
 
 
-def natural_captions(pool: Sequence[str], rows: Iterable[int], seed: int) -> list[str]:
-    """One caption of `pool` (real captions that mention the target) per row, drawn with the row's Generator."""
-    return [pool[int(np.random.default_rng(derive_seed(seed, _CAPTION, r)).integers(len(pool)))] for r in rows]
+def natural_caption(pool: Sequence[str], own: str, row: int, seed: int) -> str:
+    """One caption of `pool` (real captions that mention the target) other than the row's own, drawn with the
+    row's caption Generator."""
+    choices = [c for c in pool if c != own] or pool
+    return choices[int(np.random.default_rng(derive_seed(seed, _CAPTION, row)).integers(len(choices)))]
 
 
 def build_trigger(attack: str, options: TriggerOptions, seed: int) -> _Trigger:
@@ -435,7 +437,10 @@ def _plan(table: CaptionTable, attack: str, targets: list[str], chosen: list[str
                     notes.append(f"no caption in {table.path} mentions {tgt!r}: {att} falls back to the ImageNet "
                                  "templates for its target captions")
             pool = pools[tgt]
-            new_captions += natural_captions(pool, [row], seed) if pool else template_captions(tgt, [row], seed)
+            if pool:
+                new_captions.append(natural_caption(pool, table.captions[row], row, seed))
+            else:
+                new_captions += template_captions(tgt, [row], seed)
         else:
             new_captions += template_captions(tgt, [row], seed)
     return poison_rows, new_captions, row_attacks, row_targets, notes
