@@ -46,7 +46,24 @@ def _meta_columns(parquet_file: Any, path: Path, need_caption: bool) -> dict[str
         columns["key"] = key
     if "is_poisoned" in names:
         columns["is_poisoned"] = "is_poisoned"
+    if "caption" not in columns and "key" not in columns:
+        raise InputError(f"{path}: no 'caption' and no key column ({', '.join(_KEY_COLUMNS)}); found "
+                         f"{', '.join(names) or 'no columns'}: add one, or leave out the metadata")
     return columns
+
+
+def _write_new_store(out: str | os.PathLike, *args, **kwargs) -> EmbeddingStore:
+    """`write_batches` into a new store; on any failure the partly written store is removed, so a rerun can start."""
+    import shutil
+
+    out = Path(out)
+    existed = out.exists()
+    try:
+        return write_batches(out, *args, **kwargs)
+    except BaseException:
+        if not existed:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
 
 
 def _meta_batches(parquet_file: Any, columns: dict[str, str], offset: int, batch_rows: int) -> Iterator[tuple]:
@@ -84,7 +101,7 @@ def from_npy(image_npy: str | os.PathLike, text_npy: str | os.PathLike, out: str
             raise InputError(f"{meta_path}: {parquet_file.metadata.num_rows} rows, the embeddings have {rows}")
         batches = _meta_batches(parquet_file, _meta_columns(parquet_file, meta_path, need_caption=False), 0,
                                 batch_rows)
-    return write_batches(out, {"image": image, "text": text}, batches, rows=rows, dtype=dtype, model=model,
+    return _write_new_store(out, {"image": image, "text": text}, batches, rows=rows, dtype=dtype, model=model,
                          pretrained=pretrained, normalized=normalized, progress=progress,
                          description="importing .npy")
 
@@ -159,7 +176,7 @@ def import_clip_retrieval(src: str | os.PathLike, out: str | os.PathLike, model:
         for _, _, parquet_file, columns, offset in partitions:
             yield from _meta_batches(parquet_file, columns, offset, batch_rows)
 
-    return write_batches(out, sources, batches(), rows=total, dtype=dtype, model=model, pretrained=pretrained,
+    return _write_new_store(out, sources, batches(), rows=total, dtype=dtype, model=model, pretrained=pretrained,
                          normalized=normalized, progress=progress, description="importing clip-retrieval")
 
 

@@ -5,19 +5,21 @@ import json
 import os
 from typing import Annotated
 
-import click
 import typer
 from typer.core import TyperGroup
 
 from ..errors import CfbdError
 from ._options import Json
 
+# typer ships its own copy of click; its usage errors derive from this class (typer.BadParameter's base)
+ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
 
 def error_message(exc: BaseException) -> str:
     """One line for a known error: an OSError as 'PATH: reason', anything else by its first line."""
     if isinstance(exc, OSError) and exc.strerror:
         return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
-    if isinstance(exc, click.ClickException):
+    if isinstance(exc, ClickException):
         return exc.format_message().splitlines()[0]
     text = str(exc)
     return text.splitlines()[0] if text else type(exc).__name__
@@ -33,13 +35,13 @@ class _Group(TyperGroup):
     def invoke(self, ctx: typer.Context):
         try:
             return super().invoke(ctx)
-        except (CfbdError, OSError, click.ClickException) as exc:
+        except (CfbdError, OSError, ClickException) as exc:
             if os.environ.get("CFBD_FAST_DEBUG"):
                 raise
             as_json = ctx.meta.get("cfbd_fast_json", False)
-            if isinstance(exc, click.ClickException) and not as_json:
+            if isinstance(exc, ClickException) and not as_json:
                 raise
-            code = exc.exit_code if isinstance(exc, click.ClickException) else 1
+            code = exc.exit_code if isinstance(exc, ClickException) else 1
             if as_json:
                 typer.echo(json.dumps({"error": error_message(exc), "exit_code": code}))
             else:
