@@ -1,4 +1,4 @@
-"""consistency and row_health against a float64 reference, on every implementation, dtype and odd shape."""
+"""consistency against a float64 reference, on every implementation, dtype and odd shape."""
 from __future__ import annotations
 
 import os
@@ -14,7 +14,6 @@ import torch.nn.functional as F
 
 from cfbd_fast import ops
 from cfbd_fast.errors import CfbdError, InputError
-from cfbd_fast.ops._dispatch import as_tensor
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 IMPLS = ("triton", "cpu", "ref")
@@ -80,7 +79,7 @@ def test_matches_float64_reference(impl, dtype, shape, monkeypatch, triton_devic
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_invalid_rows_give_nan_and_match_row_health(impl, dtype, monkeypatch, triton_device):
+def test_invalid_rows_give_nan(impl, dtype, monkeypatch, triton_device):
     device = triton_device if impl == "triton" else "cpu"
     image, text, generated = _inputs(40, 96, dtype, seed=7)
     image[3] = 0
@@ -93,9 +92,6 @@ def test_invalid_rows_give_nan_and_match_row_health(impl, dtype, monkeypatch, tr
     c, s_o, s_g = _run(impl, monkeypatch, image, text, generated)
     for out in (c, s_o, s_g):
         assert set(torch.nonzero(out.isnan()).flatten().tolist()) == invalid
-    masks = [ops.row_health(x) for x in (image, text, generated)]
-    assert [set(torch.nonzero(m).flatten().tolist()) for m in masks] == [{3}, {5, 11}, {9, 20}]
-    assert all(m.dtype == torch.bool and m.shape == (40,) for m in masks)
 
 
 @pytest.mark.gpu
@@ -120,8 +116,6 @@ def test_numpy_in_numpy_out_including_bfloat16(monkeypatch):
         for ours, ref in zip(got, want):
             assert isinstance(ours, np.ndarray) and ours.dtype == np.float32
             np.testing.assert_allclose(ours, ref.numpy(), rtol=1e-5, atol=1e-6)
-        mask = ops.row_health(arrays[0])
-        assert isinstance(mask, np.ndarray) and mask.dtype == bool and not mask.any()
 
 
 def test_read_only_memmap_is_read_in_place(tmp_path, monkeypatch):
@@ -132,7 +126,7 @@ def test_read_only_memmap_is_read_in_place(tmp_path, monkeypatch):
         np.save(tmp_path / f"{name}.npy", array)
         maps.append(np.load(tmp_path / f"{name}.npy", mmap_mode="r"))
     assert not maps[0].flags.writeable
-    view = as_tensor(maps[0], "image")
+    view = ops.as_tensor(maps[0], "image")
     assert view.data_ptr() == maps[0].ctypes.data  # shared, not copied
     with warnings.catch_warnings():
         warnings.simplefilter("error")

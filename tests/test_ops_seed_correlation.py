@@ -13,7 +13,7 @@ from cfbd_fast.ops.seed_correlation import mean_unit_seed
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 IMPLS = ("triton", "cpu", "ref")
-REDUCES = (("mean", None), ("max", None), ("topk", 1), ("topk", 7), ("topk", "all"))
+REDUCES = (("mean", None), ("max", None), ("topk", 1), ("topk", 7), ("topk", "all"))  # (reduce, topk)
 # (rows, dim, seeds): 1 row, 1023 rows, several 64-row tiles, several 64-seed tiles with a partial last one.
 SHAPES = ((1, 64, 50), (1023, 512, 50), (100, 768, 130), (129, 1024, 20))
 
@@ -29,20 +29,20 @@ def _inputs(n, dim, q, dtype, seed, device="cpu"):
     return text.to(dtype).to(device), seeds.to(dtype).to(device)
 
 
-def _literal_float64(text, seeds, reduce, k):
+def _literal_float64(text, seeds, reduce, topk):
     """The N x q definition: cosine of every caption with every seed, reduced over the seeds; NaN on invalid rows."""
     t, s = text.cpu().double(), seeds.cpu().double()
     cos = (t @ s.T) / t.norm(dim=1, keepdim=True) / s.norm(dim=1)
     z = {"mean": lambda: cos.mean(1), "max": lambda: cos.max(1).values,
-         "topk": lambda: cos.topk(k or 1, dim=1).values.mean(1)}[reduce]()
+         "topk": lambda: cos.topk(topk or 1, dim=1).values.mean(1)}[reduce]()
     bad = ~torch.isfinite(t).all(1) | (t == 0).all(1)
     return z.masked_fill(bad, float("nan"))
 
 
-def _eager_same_dtype(text, seeds, reduce, k):
+def _eager_same_dtype(text, seeds, reduce, topk):
     cos = F.normalize(text.cpu(), dim=1) @ F.normalize(seeds.cpu(), dim=1).T
     return {"mean": lambda: cos.mean(1), "max": lambda: cos.max(1).values,
-            "topk": lambda: cos.topk(k or 1, dim=1).values.mean(1)}[reduce]()
+            "topk": lambda: cos.topk(topk or 1, dim=1).values.mean(1)}[reduce]()
 
 
 def test_mean_of_unit_seeds_equals_literal_mean_cosine():
@@ -61,53 +61,53 @@ def _cases():
     for impl in IMPLS:
         for dtype in DTYPES:
             for shape in SHAPES:
-                for reduce, k in REDUCES:
-                    # The interpreter is slow: its k=1 and k=q top-k cases run on the shapes with fewer rows.
-                    if impl == "triton" and shape[0] == 1023 and reduce == "topk" and k != 7:
+                for reduce, topk in REDUCES:
+                    # The interpreter is slow: its topk=1 and topk=q cases run on the shapes with fewer rows.
+                    if impl == "triton" and shape[0] == 1023 and reduce == "topk" and topk != 7:
                         continue
-                    yield pytest.param(impl, dtype, shape, reduce, k,
-                                       id=f"{impl}-{dtype}-{'x'.join(map(str, shape))}-{reduce}{k or ''}")
+                    yield pytest.param(impl, dtype, shape, reduce, topk,
+                                       id=f"{impl}-{dtype}-{'x'.join(map(str, shape))}-{reduce}{topk or ''}")
 
 
-@pytest.mark.parametrize("impl,dtype,shape,reduce,k", list(_cases()))
-def test_matches_float64_reference(impl, dtype, shape, reduce, k, monkeypatch, triton_device):
+@pytest.mark.parametrize("impl,dtype,shape,reduce,topk", list(_cases()))
+def test_matches_float64_reference(impl, dtype, shape, reduce, topk, monkeypatch, triton_device):
     device = triton_device if impl == "triton" else "cpu"
     n, dim, q = shape
-    k = q if k == "all" else k
+    topk = q if topk == "all" else topk
     text, seeds = _inputs(n, dim, q, dtype, seed=n + dim + q, device=device)
     monkeypatch.setenv("CFBD_FAST_IMPL", impl)
-    z = ops.seed_correlation(text, seeds, reduce=reduce, k=k if reduce == "topk" else None)
+    z = ops.seed_correlation(text, seeds, reduce=reduce, topk=topk)
     assert z.dtype == torch.float32 and z.shape == (n,) and z.device.type == device
-    ref = _literal_float64(text, seeds, reduce, k)
+    ref = _literal_float64(text, seeds, reduce, topk)
     err = (z.cpu().double() - ref).abs()
     if dtype == torch.float32:
         assert (err <= 1e-6 + 1e-5 * ref.abs()).all(), f"max err {err.max():.3g}"
     else:
-        bound = max(2 * (_eager_same_dtype(text, seeds, reduce, k).double() - ref).abs().max().item(), 1e-4)
+        bound = max(2 * (_eager_same_dtype(text, seeds, reduce, topk).double() - ref).abs().max().item(), 1e-4)
         assert err.max() <= bound, f"max err {err.max():.3g} > {bound:.3g} (2x torch eager {dtype})"
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("reduce,k", (("mean", None), ("max", None), ("topk", 3)))
-def test_invalid_rows_give_nan(impl, reduce, k, monkeypatch, triton_device):
+@pytest.mark.parametrize("reduce,topk", (("mean", None), ("max", None), ("topk", 3)))
+def test_invalid_rows_give_nan(impl, reduce, topk, monkeypatch, triton_device):
     device = triton_device if impl == "triton" else "cpu"
     text, seeds = _inputs(70, 64, 16, torch.float16, seed=4)
     text[2] = 0
     text[8, 3] = float("nan")
     text[65, 63] = float("inf")
     monkeypatch.setenv("CFBD_FAST_IMPL", impl)
-    z = ops.seed_correlation(text.to(device), seeds.to(device), reduce=reduce, k=k)
+    z = ops.seed_correlation(text.to(device), seeds.to(device), reduce=reduce, topk=topk)
     assert set(torch.nonzero(z.isnan()).flatten().tolist()) == {2, 8, 65}
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("reduce,k", (("mean", None), ("max", None), ("topk", 10)))
-def test_large_shape_on_gpu(reduce, k, monkeypatch):
+@pytest.mark.parametrize("reduce,topk", (("mean", None), ("max", None), ("topk", 10)))
+def test_large_shape_on_gpu(reduce, topk, monkeypatch):
     text, seeds = _inputs(40_000, 1024, 1000, torch.float16, seed=8, device="cuda")  # float64 check runs on CPU
     monkeypatch.setenv("CFBD_FAST_IMPL", "triton")
-    z = ops.seed_correlation(text, seeds, reduce=reduce, k=k)
-    ref = _literal_float64(text, seeds, reduce, k)
-    bound = max(2 * (_eager_same_dtype(text, seeds, reduce, k).double() - ref).abs().max().item(), 1e-4)
+    z = ops.seed_correlation(text, seeds, reduce=reduce, topk=topk)
+    ref = _literal_float64(text, seeds, reduce, topk)
+    bound = max(2 * (_eager_same_dtype(text, seeds, reduce, topk).double() - ref).abs().max().item(), 1e-4)
     assert (z.cpu().double() - ref).abs().max() <= bound
 
 
@@ -118,7 +118,7 @@ def test_numpy_inputs_and_read_only_memmap(tmp_path, monkeypatch):
         text.numpy().astype(np_dtype).tofile(tmp_path / "text.bin")
         mapped = np.memmap(tmp_path / "text.bin", dtype=np_dtype, mode="r", shape=tuple(text.shape))
         seeds_np = seeds.numpy().astype(np_dtype)
-        z = ops.seed_correlation(mapped, seeds_np, reduce="topk", k=5)
+        z = ops.seed_correlation(mapped, seeds_np, reduce="topk", topk=5)
         assert isinstance(z, np.ndarray) and z.dtype == np.float32
         rounded = [torch.from_numpy(np.asarray(a).astype(np.float32)) for a in (mapped, seeds_np)]
         np.testing.assert_allclose(z, _literal_float64(*rounded, "topk", 5).numpy(), rtol=1e-5, atol=1e-6)
@@ -126,12 +126,12 @@ def test_numpy_inputs_and_read_only_memmap(tmp_path, monkeypatch):
 
 def test_argument_errors_say_what_to_do():
     text, seeds = _inputs(10, 32, 6, torch.float32, seed=1)
-    with pytest.raises(InputError, match="k <= 6"):
+    with pytest.raises(InputError, match="topk <= 6"):
         ops.seed_correlation(text, seeds, reduce="topk")
-    with pytest.raises(InputError, match="k <= 6"):
-        ops.seed_correlation(text, seeds, reduce="topk", k=7)
-    with pytest.raises(InputError, match="drop k"):
-        ops.seed_correlation(text, seeds, reduce="mean", k=3)
+    with pytest.raises(InputError, match="topk <= 6"):
+        ops.seed_correlation(text, seeds, reduce="topk", topk=7)
+    with pytest.raises(InputError, match="drop topk"):
+        ops.seed_correlation(text, seeds, reduce="mean", topk=3)
     with pytest.raises(InputError, match="one of mean, max, topk"):
         ops.seed_correlation(text, seeds, reduce="median")
     with pytest.raises(InputError, match=r"\(q >= 1, 32\)"):

@@ -1,5 +1,7 @@
 """Ahead-of-time compilation of every Triton kernel to sm_80 and sm_90 cubins, for each dtype, without a GPU.
 
+Every `_*_kernel` in cfbd_fast.ops must have a variant here: a new kernel without one fails the coverage test.
+
 The compiler runs in a child process started without TRITON_INTERPRET: with it set when triton is imported,
 triton's own library functions (tl.sum, tl.max, ...) become interpreter objects and nothing can be compiled.
 """
@@ -7,13 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+import pkgutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from cfbd_fast.ops._dispatch import streaming_config
+from cfbd_fast.ops._common import streaming_config
 from cfbd_fast.ops.seed_correlation import tiled_config
 
 ARCHS = (80, 90)
@@ -29,19 +32,19 @@ def _variants() -> dict[str, tuple[str, dict, dict]]:
             "image_ptr": "*{dt}", "text_ptr": "*{dt}", "generated_ptr": "*{dt}",
             "c_ptr": "*fp32", "s_o_ptr": "*fp32", "s_g_ptr": "*fp32",
             "n_rows": "i32", "dim": "i32", "stride_image": "i32", "stride_text": "i32", "stride_generated": "i32"},
-        "_row_health_kernel": {"x_ptr": "*{dt}", "invalid_ptr": "*i8", "n_rows": "i32", "dim": "i32",
-                               "stride_x": "i32"},
+        "_invalid_rows_kernel": {"x_ptr": "*{dt}", "invalid_ptr": "*i8", "n_rows": "i32", "dim": "i32",
+                                 "stride_x": "i32"},
         "_seed_mean_kernel": {"text_ptr": "*{dt}", "mean_seed_ptr": "*fp32", "z_ptr": "*fp32", "n_rows": "i32",
                               "dim": "i32", "stride_text": "i32"},
     }
     variants = {f"{kernel}-dim{dim}": (kernel, signature, streaming_config(dim))
                 for kernel, signature in streaming.items() for dim in DIMS}
     tiled = {"text_ptr": "*{dt}", "seeds_ptr": "*{dt}", "inv_seed_norm_ptr": "*fp32", "z_ptr": "*fp32",
-             "n_rows": "i32", "n_seeds": "i32", "dim": "i32", "k": "i32", "merge_steps": "i32",
+             "n_rows": "i32", "n_seeds": "i32", "dim": "i32", "topk": "i32", "merge_steps": "i32",
              "stride_text": "i32", "stride_seeds": "i32"}
-    for reduce, n_seeds, k in (("max", 50, 1), ("topk", 50, 5), ("topk", 1000, 64)):
-        variants[f"_seed_topk_kernel-{reduce}-q{n_seeds}-k{k}"] = (
-            "_seed_topk_kernel", tiled, tiled_config(n_seeds, k, take_max=reduce == "max"))
+    for reduce, n_seeds, topk in (("max", 50, 1), ("topk", 50, 5), ("topk", 1000, 64)):
+        variants[f"_seed_topk_kernel-{reduce}-q{n_seeds}-topk{topk}"] = (
+            "_seed_topk_kernel", tiled, tiled_config(n_seeds, topk, take_max=reduce == "max"))
     return variants
 
 
@@ -49,16 +52,28 @@ VARIANTS = _variants()
 CASES = [(name, dtype, arch) for name in VARIANTS for dtype in DTYPES for arch in ARCHS]
 
 
-def compile_all() -> dict[str, str]:
-    """Compile every case in this process; "ok" or the error per case (run in the child)."""
+def op_kernels() -> dict:
+    """Every Triton kernel of cfbd_fast.ops by name: the `_*_kernel` JIT functions of its modules."""
+    import importlib
+
+    from triton.runtime.jit import JITFunction
+
+    import cfbd_fast.ops
+
+    kernels = {}
+    for module in pkgutil.iter_modules(cfbd_fast.ops.__path__):
+        for name, value in vars(importlib.import_module(f"cfbd_fast.ops.{module.name}")).items():
+            if name.endswith("_kernel") and isinstance(value, JITFunction):
+                kernels[name] = value
+    return kernels
+
+
+def compile_all() -> dict:
+    """Compile every case in this process: the kernels found, and "ok" or the error per case (run in the child)."""
     import triton
     from triton.backends.compiler import GPUTarget
 
-    import cfbd_fast.ops  # noqa: F401  (imports the op modules)
-
-    kernels = {}
-    for module in ("consistency", "row_health", "seed_correlation"):
-        kernels.update(vars(sys.modules[f"cfbd_fast.ops.{module}"]))
+    kernels = op_kernels()
     results = {}
     for name, dtype, arch in CASES:
         kernel_name, signature, config = VARIANTS[name]
@@ -74,11 +89,11 @@ def compile_all() -> dict[str, str]:
             results[f"{name}/{dtype}/{arch}"] = "ok" if ok else f"no sm_{arch} cubin produced"
         except Exception as exc:  # reported per case by the parent
             results[f"{name}/{dtype}/{arch}"] = f"{type(exc).__name__}: {exc}"
-    return results
+    return {"kernels": sorted(kernels), "results": results}
 
 
 @pytest.fixture(scope="module")
-def compile_results(tmp_path_factory) -> dict[str, str]:
+def compiled(tmp_path_factory) -> dict:
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     # A fresh cache, so that an earlier run's cubins cannot stand in for the compiler.
     env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton-cache"))
@@ -88,9 +103,14 @@ def compile_results(tmp_path_factory) -> dict[str, str]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def test_every_kernel_has_a_variant(compiled):
+    assert len(compiled["kernels"]) >= 4
+    assert set(compiled["kernels"]) == {kernel for kernel, _, _ in VARIANTS.values()}
+
+
 @pytest.mark.parametrize("name,dtype,arch", CASES)
-def test_kernel_compiles_to_cubin(compile_results, name, dtype, arch):
-    assert compile_results[f"{name}/{dtype}/{arch}"] == "ok"
+def test_kernel_compiles_to_cubin(compiled, name, dtype, arch):
+    assert compiled["results"][f"{name}/{dtype}/{arch}"] == "ok"
 
 
 if __name__ == "__main__":

@@ -8,16 +8,15 @@ raises instead of falling back (under TRITON_INTERPRET=1, `triton` runs the kern
 from __future__ import annotations
 
 from ..errors import InputError
-from ._cpu import consistency_cpu, row_health_cpu, seed_correlation_cpu
-from ._dispatch import as_tensor, choose_impl, returns_numpy, same_rows, to_output
-from .consistency import consistency_ref, consistency_triton
-from .row_health import row_health_ref, row_health_triton
-from .seed_correlation import REDUCTIONS, seed_correlation_ref, seed_correlation_triton
+from ._common import as_tensor, choose_impl, returns_numpy, same_rows, to_output
+from .consistency import consistency_cpu, consistency_ref, consistency_triton
+from .invalid_rows import invalid_rows_cpu, invalid_rows_ref, invalid_rows_triton
+from .seed_correlation import check_reduction, seed_correlation_cpu, seed_correlation_ref, seed_correlation_triton
 
-__all__ = ["consistency", "row_health", "seed_correlation"]
+__all__ = ["as_tensor", "consistency", "invalid_rows", "seed_correlation"]
 
 _CONSISTENCY = {"triton": consistency_triton, "cpu": consistency_cpu, "ref": consistency_ref}
-_ROW_HEALTH = {"triton": row_health_triton, "cpu": row_health_cpu, "ref": row_health_ref}
+_INVALID_ROWS = {"triton": invalid_rows_triton, "cpu": invalid_rows_cpu, "ref": invalid_rows_ref}
 _SEED_CORRELATION = {"triton": seed_correlation_triton, "cpu": seed_correlation_cpu, "ref": seed_correlation_ref}
 
 
@@ -26,7 +25,7 @@ def consistency(image, text, generated):
 
     `s_o = max(cos(image, text), 0)`, `s_g = max(cos(image, generated), 0)`, `c = |s_g - s_o|`, norms and dots
     accumulated in float32 in one pass over (N, D) fp16/bf16/fp32 inputs, normalised or not. A row that is invalid
-    (see `row_health`) in any of the three inputs gives NaN in all three outputs, never a number that looks valid.
+    (see `invalid_rows`) in any of the three inputs gives NaN in all three outputs, never a number that looks valid.
     """
     tensors = {name: as_tensor(x, name) for name, x in
                (("image", image), ("text", text), ("generated", generated))}
@@ -36,23 +35,23 @@ def consistency(image, text, generated):
     return tuple(to_output(out, as_numpy) for out in _CONSISTENCY[impl](*tensors.values()))
 
 
-def row_health(x):
-    """Mask of INVALID rows: bool (N,), True where a row has zero norm or holds any NaN or inf.
+def invalid_rows(x):
+    """Mask of invalid rows: bool (N,), True where a row has zero norm or holds any NaN or inf.
 
     These are the rows whose cosines `consistency` and `seed_correlation` report as NaN. The kernels test the
     row's float32 squared norm for being zero or non-finite, so a float32/bfloat16 row whose squared norm under-
     or overflows float32 (all |x| below about 1e-19, or some |x| above about 1e19) is reported invalid as well.
     """
     tensor = as_tensor(x, "x")
-    return to_output(_ROW_HEALTH[choose_impl(tensor.device)](tensor), returns_numpy(x))
+    return to_output(_INVALID_ROWS[choose_impl(tensor.device)](tensor), returns_numpy(x))
 
 
-def seed_correlation(text, seeds, reduce: str = "mean", k: int | None = None):
+def seed_correlation(text, seeds, reduce: str = "mean", topk: int | None = None):
     """Correlation of every caption with a seed set: float32 z of shape (N,).
 
     `text` is (N, D), `seeds` is (q, D) with q small; both fp16/bf16/fp32. `reduce="mean"` gives the mean cosine with
     the seeds (computed as the dot with the mean of the unit seeds over the row norm: equal to the N x q average),
-    `"max"` the largest cosine and `"topk"` the mean of the `k` largest. Invalid rows of `text` give NaN; an invalid
+    `"max"` the largest cosine and `"topk"` the mean of the `topk` largest. Invalid rows of `text` give NaN; an invalid
     seed row raises. The Triton path rounds the seeds to the text's dtype for max/topk.
     """
     text_tensor = as_tensor(text, "text")
@@ -60,17 +59,11 @@ def seed_correlation(text, seeds, reduce: str = "mean", k: int | None = None):
     if seeds_tensor.shape[1] != text_tensor.shape[1] or seeds_tensor.shape[0] == 0:
         raise InputError(f"seeds must be (q >= 1, {text_tensor.shape[1]}) to match text, got "
                          f"{tuple(seeds_tensor.shape)}")
-    if reduce not in REDUCTIONS:
-        raise InputError(f"reduce={reduce!r} is not one of {', '.join(REDUCTIONS)}")
-    if reduce == "topk":
-        if k is None or not 1 <= k <= seeds_tensor.shape[0]:
-            raise InputError(f"reduce='topk' needs 1 <= k <= {seeds_tensor.shape[0]} (the number of seeds), got k={k}")
-    elif k is not None:
-        raise InputError(f"k is only used with reduce='topk', not reduce={reduce!r}; drop k")
-    bad_seeds = int(row_health_ref(seeds_tensor).sum())
+    check_reduction(reduce, topk, seeds_tensor.shape[0])
+    bad_seeds = int(invalid_rows_ref(seeds_tensor).sum())
     if bad_seeds:
         raise InputError(f"{bad_seeds} of {seeds_tensor.shape[0]} seed rows have zero norm or NaN/inf; drop them "
-                         "(cfbd_fast.ops.row_health(seeds) marks them)")
+                         "(cfbd_fast.ops.invalid_rows(seeds) marks them)")
     impl = choose_impl(text_tensor.device)
-    z = _SEED_CORRELATION[impl](text_tensor, seeds_tensor, reduce, k)
+    z = _SEED_CORRELATION[impl](text_tensor, seeds_tensor, reduce, topk)
     return to_output(z, returns_numpy(text))

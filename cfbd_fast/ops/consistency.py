@@ -1,41 +1,25 @@
-"""Consistency c = |s_g - s_o| of image/caption/generated-caption rows: Triton kernel, launcher and torch reference."""
+"""Consistency c = |s_g - s_o| of image/caption/generated-caption rows: Triton kernel, launcher, CPU path and torch
+reference."""
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import check_triton_inputs, streaming_config
-from .row_health import row_health_ref
+from ._common import (NAN, block_rows, check_triton_inputs, run_blocks, streaming_config, tile_rows, tile_sums,
+                      tile_valid, valid_sumsq)
+from .invalid_rows import invalid_rows_ref
 
 
 @triton.jit
 def _consistency_kernel(image_ptr, text_ptr, generated_ptr, c_ptr, s_o_ptr, s_g_ptr,
                         n_rows, dim, stride_image, stride_text, stride_generated,
                         BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    # One pass over BLOCK_M rows of the three matrices: three squared norms and two dots, fp32 accumulators.
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_in = rows < n_rows
-    rows = rows.to(tl.int64)
-    ii = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    tt = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    gg = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    it = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    ig = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for d0 in range(0, dim, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
-        mask = row_in[:, None] & (cols < dim)[None, :]
-        x = tl.load(image_ptr + rows[:, None] * stride_image + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        y = tl.load(text_ptr + rows[:, None] * stride_text + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        z = tl.load(generated_ptr + rows[:, None] * stride_generated + cols[None, :], mask=mask,
-                    other=0.0).to(tl.float32)
-        ii += tl.sum(x * x, axis=1)
-        tt += tl.sum(y * y, axis=1)
-        gg += tl.sum(z * z, axis=1)
-        it += tl.sum(x * y, axis=1)
-        ig += tl.sum(x * z, axis=1)
-    # A squared norm that is zero, NaN or inf marks a zero row or one holding NaN/inf.
-    valid = (ii > 0) & (ii < float("inf")) & (tt > 0) & (tt < float("inf")) & (gg > 0) & (gg < float("inf"))
+    # One pass over BLOCK_M rows of the three matrices: three squared norms and two dots.
+    rows, row_in = tile_rows(n_rows, BLOCK_M)
+    ii, tt, gg, it, ig = tile_sums(image_ptr, stride_image, text_ptr, stride_text, generated_ptr, stride_generated,
+                                   rows, row_in, dim, BLOCK_M, BLOCK_D, True, False, True)
+    valid = tile_valid(ii) & tile_valid(tt) & tile_valid(gg)
     norm_i = tl.sqrt(ii)
     s_o = tl.maximum(it / norm_i / tl.sqrt(tt), 0.0)
     s_g = tl.maximum(ig / norm_i / tl.sqrt(gg), 0.0)
@@ -60,11 +44,31 @@ def consistency_triton(image: torch.Tensor, text: torch.Tensor, generated: torch
     return c, s_o, s_g
 
 
+def consistency_cpu(image: torch.Tensor, text: torch.Tensor, generated: torch.Tensor):
+    """(c, s_o, s_g) float32 for CPU tensors of any supported dtype and strides; one block in float32 at a time."""
+    n_rows, dim = image.shape
+    c, s_o, s_g = (torch.empty(n_rows, dtype=torch.float32) for _ in range(3))
+
+    def work(rows: slice) -> None:
+        i, t, g = image[rows].float(), text[rows].float(), generated[rows].float()
+        ii, tt, gg = torch.linalg.vecdot(i, i), torch.linalg.vecdot(t, t), torch.linalg.vecdot(g, g)
+        norm_i = ii.sqrt_()
+        cos_o = torch.linalg.vecdot(i, t).div_(norm_i).div_(tt.sqrt()).clamp_min_(0)
+        cos_g = torch.linalg.vecdot(i, g).div_(norm_i).div_(gg.sqrt()).clamp_min_(0)
+        invalid = ~(valid_sumsq(ii) & valid_sumsq(tt) & valid_sumsq(gg))
+        s_o[rows] = cos_o.masked_fill_(invalid, NAN)
+        s_g[rows] = cos_g.masked_fill_(invalid, NAN)
+        torch.sub(cos_g, cos_o, out=c[rows]).abs_()
+
+    run_blocks(n_rows, block_rows(dim, 3), work)
+    return c, s_o, s_g
+
+
 def consistency_ref(image: torch.Tensor, text: torch.Tensor, generated: torch.Tensor):
     """Plain torch reference in float32: rectified cosines s_o, s_g and c = |s_g - s_o|, NaN for invalid rows."""
     i, t, g = image.float(), text.float(), generated.float()
     s_o = ((i * t).sum(1) / (i.norm(dim=1) * t.norm(dim=1))).clamp_min(0)
     s_g = ((i * g).sum(1) / (i.norm(dim=1) * g.norm(dim=1))).clamp_min(0)
-    invalid = row_health_ref(image) | row_health_ref(text) | row_health_ref(generated)
-    s_o, s_g = s_o.masked_fill(invalid, float("nan")), s_g.masked_fill(invalid, float("nan"))
+    invalid = invalid_rows_ref(image) | invalid_rows_ref(text) | invalid_rows_ref(generated)
+    s_o, s_g = s_o.masked_fill(invalid, NAN), s_g.masked_fill(invalid, NAN)
     return (s_g - s_o).abs(), s_o, s_g

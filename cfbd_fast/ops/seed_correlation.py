@@ -1,4 +1,5 @@
-"""Correlation z of each caption with a seed set (mean, max or top-k mean cosine): Triton kernels, launcher, reference."""
+"""Correlation z of each caption with a seed set (mean, max or top-k mean cosine): Triton kernels, launcher, CPU path
+and torch reference."""
 from __future__ import annotations
 
 import torch
@@ -6,8 +7,9 @@ import triton
 import triton.language as tl
 
 from ..errors import InputError
-from ._dispatch import check_triton_inputs, kernel_interpreted, streaming_config
-from .row_health import row_health_ref
+from ._common import (NAN, block_rows, check_triton_inputs, kernel_interpreted, run_blocks, streaming_config,
+                      tile_rows, tile_sums, tile_valid, valid_sumsq)
+from .invalid_rows import invalid_rows_ref
 
 REDUCTIONS = ("mean", "max", "topk")
 
@@ -16,43 +18,28 @@ REDUCTIONS = ("mean", "max", "topk")
 def _seed_mean_kernel(text_ptr, mean_seed_ptr, z_ptr, n_rows, dim, stride_text,
                       BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     # mean_j cos(t, s_j) = (t . mean_j(s_j / |s_j|)) / |t|: one streaming dot per row.
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_in = rows < n_rows
-    rows = rows.to(tl.int64)
-    sumsq = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    dot = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for d0 in range(0, dim, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
-        col_in = cols < dim
-        t = tl.load(text_ptr + rows[:, None] * stride_text + cols[None, :], mask=row_in[:, None] & col_in[None, :],
-                    other=0.0).to(tl.float32)
-        m = tl.load(mean_seed_ptr + cols, mask=col_in, other=0.0)
-        sumsq += tl.sum(t * t, axis=1)
-        dot += tl.sum(t * m[None, :], axis=1)
-    valid = (sumsq > 0) & (sumsq < float("inf"))
-    tl.store(z_ptr + rows, tl.where(valid, dot / tl.sqrt(sumsq), float("nan")), mask=row_in)
+    rows, row_in = tile_rows(n_rows, BLOCK_M)
+    sumsq, _, _, dot, _ = tile_sums(text_ptr, stride_text, mean_seed_ptr, 0, text_ptr, 0, rows, row_in, dim,
+                                    BLOCK_M, BLOCK_D, False, True, False)
+    tl.store(z_ptr + rows, tl.where(tile_valid(sumsq), dot / tl.sqrt(sumsq), float("nan")), mask=row_in)
 
 
 @triton.jit
-def _seed_topk_kernel(text_ptr, seeds_ptr, inv_seed_norm_ptr, z_ptr, n_rows, n_seeds, dim, k, merge_steps,
+def _seed_topk_kernel(text_ptr, seeds_ptr, inv_seed_norm_ptr, z_ptr, n_rows, n_seeds, dim, topk, merge_steps,
                       stride_text, stride_seeds,
-                      BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, K_PAD: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, TOPK_PAD: tl.constexpr,
                       TAKE_MAX: tl.constexpr, DOT_IN_FP32: tl.constexpr):
-    # Tiled N x q: a (BLOCK_M, BLOCK_Q) tile of dots per seed tile, reduced on the fly to the row's max or its k best.
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_in = rows < n_rows
-    rows = rows.to(tl.int64)
-    sumsq = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for d0 in range(0, dim, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
-        t = tl.load(text_ptr + rows[:, None] * stride_text + cols[None, :],
-                    mask=row_in[:, None] & (cols < dim)[None, :], other=0.0).to(tl.float32)
-        sumsq += tl.sum(t * t, axis=1)
+    # Tiled N x q: a (BLOCK_M, BLOCK_Q) tile of dots per seed tile, reduced on the fly to the row's max or its
+    # topk best.
+    rows, row_in = tile_rows(n_rows, BLOCK_M)
+    sumsq, _, _, _, _ = tile_sums(text_ptr, stride_text, text_ptr, 0, text_ptr, 0, rows, row_in, dim, BLOCK_M, BLOCK_D,
+                                  False, False, False)
 
     best_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-    # Top-k slots: slots >= k hold +inf so they are never the minimum and never replaced.
-    slots = tl.arange(0, K_PAD)
-    best = tl.where(slots[None, :] < k, float("-inf"), float("inf")) + tl.zeros((BLOCK_M, K_PAD), dtype=tl.float32)
+    # Top-k slots: slots >= topk hold +inf so they are never the minimum and never replaced.
+    slots = tl.arange(0, TOPK_PAD)
+    best = tl.where(slots[None, :] < topk, float("-inf"), float("inf")) + tl.zeros((BLOCK_M, TOPK_PAD),
+                                                                                  dtype=tl.float32)
     for q0 in range(0, n_seeds, BLOCK_Q):
         seed_idx = q0 + tl.arange(0, BLOCK_Q)
         seed_in = seed_idx < n_seeds
@@ -77,7 +64,7 @@ def _seed_topk_kernel(text_ptr, seeds_ptr, inv_seed_norm_ptr, z_ptr, n_rows, n_s
             best_max = tl.maximum(best_max, tl.max(cand, axis=1))
         else:
             local = tl.arange(0, BLOCK_Q)
-            for _ in range(merge_steps):
+            for _merge in range(merge_steps):
                 top = tl.max(cand, axis=1)
                 top_at = tl.argmax(cand, axis=1)
                 low = tl.min(best, axis=1)
@@ -89,9 +76,19 @@ def _seed_topk_kernel(text_ptr, seeds_ptr, inv_seed_norm_ptr, z_ptr, n_rows, n_s
     if TAKE_MAX:
         total = best_max
     else:
-        total = tl.sum(tl.where(slots[None, :] < k, best, 0.0), axis=1) / k
-    valid = (sumsq > 0) & (sumsq < float("inf"))
-    tl.store(z_ptr + rows, tl.where(valid, total / tl.sqrt(sumsq), float("nan")), mask=row_in)
+        total = tl.sum(tl.where(slots[None, :] < topk, best, 0.0), axis=1) / topk
+    tl.store(z_ptr + rows, tl.where(tile_valid(sumsq), total / tl.sqrt(sumsq), float("nan")), mask=row_in)
+
+
+def check_reduction(reduce: str, topk: int | None, n_seeds: int) -> None:
+    """`reduce` is one of REDUCTIONS; `topk` is given, within 1..n_seeds, exactly when reduce is "topk"."""
+    if reduce not in REDUCTIONS:
+        raise InputError(f"reduce={reduce!r} is not one of {', '.join(REDUCTIONS)}")
+    if reduce == "topk":
+        if topk is None or not 1 <= topk <= n_seeds:
+            raise InputError(f"reduce='topk' needs 1 <= topk <= {n_seeds} (the number of seeds), got topk={topk}")
+    elif topk is not None:
+        raise InputError(f"topk is only used with reduce='topk', not reduce={reduce!r}; drop topk")
 
 
 def mean_unit_seed(seeds: torch.Tensor) -> torch.Tensor:
@@ -107,11 +104,13 @@ def inverse_seed_norms(seeds: torch.Tensor) -> torch.Tensor:
 
 
 def seed_correlation_triton(text: torch.Tensor, seeds: torch.Tensor, reduce: str = "mean",
-                            k: int | None = None) -> torch.Tensor:
+                            topk: int | None = None) -> torch.Tensor:
     """Launch the Triton kernels: `text` (N, D) fp16/bf16/fp32 with unit column stride, `seeds` (q, D) valid rows."""
     check_triton_inputs({"text": text}, _seed_mean_kernel)
     if seeds.ndim != 2 or seeds.shape[1] != text.shape[1] or seeds.shape[0] == 0:
         raise InputError(f"seeds must be (q >= 1, {text.shape[1]}), got {tuple(seeds.shape)}")
+    n_seeds = seeds.shape[0]
+    check_reduction(reduce, topk, n_seeds)
     n_rows, dim = text.shape
     z = torch.empty(n_rows, dtype=torch.float32, device=text.device)
     if not n_rows:
@@ -122,31 +121,51 @@ def seed_correlation_triton(text: torch.Tensor, seeds: torch.Tensor, reduce: str
         _seed_mean_kernel[(triton.cdiv(n_rows, config["BLOCK_M"]),)](
             text, mean_unit_seed(seeds), z, n_rows, dim, text.stride(0), **config)
         return z
-    if reduce not in REDUCTIONS:
-        raise InputError(f"reduce={reduce!r} is not one of {', '.join(REDUCTIONS)}")
-    n_seeds = seeds.shape[0]
     take_max = reduce == "max"
-    k = 1 if take_max else k
-    if k is None or not 1 <= k <= n_seeds:
-        raise InputError(f"reduce='topk' needs 1 <= k <= {n_seeds} (the number of seeds), got k={k}")
+    topk = 1 if take_max else topk
     seeds_in_dtype = seeds.to(text.dtype).contiguous()  # raw seeds: fp16/bf16 products are exact in fp32
-    config = tiled_config(n_seeds, k, take_max,
+    config = tiled_config(n_seeds, topk, take_max,
                           dot_in_fp32=kernel_interpreted(_seed_topk_kernel) and text.dtype == torch.bfloat16)
     _seed_topk_kernel[(triton.cdiv(n_rows, config["BLOCK_M"]),)](
-        text, seeds_in_dtype, inverse_seed_norms(seeds), z, n_rows, n_seeds, dim, k, min(k, config["BLOCK_Q"]),
+        text, seeds_in_dtype, inverse_seed_norms(seeds), z, n_rows, n_seeds, dim, topk, min(topk, config["BLOCK_Q"]),
         text.stride(0), seeds_in_dtype.stride(0), **config)
     return z
 
 
-def tiled_config(n_seeds: int, k: int, take_max: bool, dot_in_fp32: bool = False) -> dict:
+def tiled_config(n_seeds: int, topk: int, take_max: bool, dot_in_fp32: bool = False) -> dict:
     """Tile sizes and switches of `_seed_topk_kernel` (tl.dot needs every tile side >= 16)."""
     return {"BLOCK_M": 64, "BLOCK_Q": max(16, min(64, triton.next_power_of_2(n_seeds))), "BLOCK_D": 32,
-            "K_PAD": triton.next_power_of_2(k), "TAKE_MAX": take_max, "DOT_IN_FP32": dot_in_fp32, "num_warps": 4}
+            "TOPK_PAD": triton.next_power_of_2(topk), "TAKE_MAX": take_max, "DOT_IN_FP32": dot_in_fp32,
+            "num_warps": 4}
+
+
+def seed_correlation_cpu(text: torch.Tensor, seeds: torch.Tensor, reduce: str = "mean",
+                         topk: int | None = None) -> torch.Tensor:
+    """z float32 (N,): mean through the mean unit seed; max/top-k through a (block, q) float32 matmul per block."""
+    n_rows, dim = text.shape
+    z = torch.empty(n_rows, dtype=torch.float32)
+    mean_seed = mean_unit_seed(seeds) if reduce == "mean" else None
+    seeds_t = seeds.float().T.contiguous()
+    inv_norm = inverse_seed_norms(seeds)
+
+    def work(rows: slice) -> None:
+        t = text[rows].float()
+        sumsq = torch.linalg.vecdot(t, t)
+        if reduce == "mean":
+            total = t @ mean_seed
+        else:
+            scores = (t @ seeds_t).mul_(inv_norm)
+            total = scores.amax(dim=1) if reduce == "max" else scores.topk(topk, dim=1).values.mean(dim=1)
+        z[rows] = total.div_(sumsq.sqrt()).masked_fill_(~valid_sumsq(sumsq), NAN)
+
+    run_blocks(n_rows, block_rows(dim), work)
+    return z
 
 
 def seed_correlation_ref(text: torch.Tensor, seeds: torch.Tensor, reduce: str = "mean",
-                         k: int | None = None) -> torch.Tensor:
+                         topk: int | None = None) -> torch.Tensor:
     """Plain torch reference, the literal N x q definition in float32: cosine of every row with every seed, reduced."""
+    check_reduction(reduce, topk, seeds.shape[0])
     t = text.float()
     s = seeds.to(text.device).float()
     cos = (t @ s.T) / t.norm(dim=1, keepdim=True) / s.norm(dim=1)
@@ -154,8 +173,6 @@ def seed_correlation_ref(text: torch.Tensor, seeds: torch.Tensor, reduce: str = 
         z = cos.mean(dim=1)
     elif reduce == "max":
         z = cos.max(dim=1).values
-    elif reduce == "topk":
-        z = cos.topk(k, dim=1).values.mean(dim=1)
     else:
-        raise InputError(f"reduce={reduce!r} is not one of {', '.join(REDUCTIONS)}")
-    return z.masked_fill(row_health_ref(text), float("nan"))
+        z = cos.topk(topk, dim=1).values.mean(dim=1)
+    return z.masked_fill(invalid_rows_ref(text), NAN)
