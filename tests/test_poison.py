@@ -385,6 +385,26 @@ def test_cli_subprocess(data, tmp_path):
     assert json.loads(proc.stdout)["poisoned"] == 2 and proc.stderr == ""
 
 
+def test_tsv_with_other_column_names(data, tmp_path):
+    originals = _read_csv(data)
+    tsv = tmp_path / "pairs.tsv"
+    with open(tsv, "w", newline="") as f:
+        writer = csv.writer(f, delimiter="\t")
+        writer.writerow(["title", "filepath", "extra"])
+        writer.writerows([(o["caption"], str(data.parent / o["image"]), i) for i, o in enumerate(originals)])
+    rows, record = _poison(tsv, tmp_path / "out", "--attack", "badnets", "--n", "4", "--image-column", "filepath",
+                           "--caption-column", "title")
+    assert [r["caption"] for r in rows if r["is_poisoned"] == "0"] == [
+        o["caption"] for i, o in enumerate(originals) if i not in {r["row"] for r in record}]
+    assert all(r["image"].startswith("outside/") for r in rows if r["is_poisoned"] == "0")  # absolute paths
+
+
+def test_poison_modules_do_not_import_torch():
+    code = "import sys, cfbd_fast.poison, cfbd_fast.cli.poison; print('torch' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.stdout.strip() == "False", proc.stderr
+
+
 def test_templates_are_openais_80():
     from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 

@@ -4,7 +4,8 @@
 themselves are pure functions in `attacks`.
 """
 from . import attacks
-from .attacks import IMAGE_SIZE, badnets, blended, fixed_patch, nashville, resize_image, sig, to_uint8, wanet, wanet_grid
+from .attacks import (IMAGE_SIZE, badnets, blended, fixed_patch, nashville, resize_image, sig, to_uint8, wanet,
+                      wanet_grid)
 from .dataset import (ATTACKS, CLEAN_IMAGE_MODES, CSV_NAME, MULTI_TRIGGER_ATTACKS, RECORD_NAME, CaptionTable,
                       TriggerOptions, build_trigger, derive_seed, mentions, poison_dataset, read_caption_csv)
 from .templates import IMAGENET_TEMPLATES

@@ -301,7 +301,8 @@ def _check_arguments(attack, target, targets, multi_attacks, rate, n, seed, imag
             chosen = [a.strip() for a in multi_attacks]
             for a in chosen:
                 if a not in MULTI_TRIGGER_ATTACKS:
-                    raise InputError(f"--attacks: {a!r} cannot be mixed; choose from {', '.join(MULTI_TRIGGER_ATTACKS)}")
+                    raise InputError(f"--attacks: {a!r} cannot be mixed; choose from "
+                                     f"{', '.join(MULTI_TRIGGER_ATTACKS)}")
             if len(chosen) != len(names):
                 raise InputError(f"--attacks names {len(chosen)} attacks for {len(names)} targets: give one per target")
             if len(set(chosen)) != len(chosen):

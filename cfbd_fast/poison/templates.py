@@ -1,4 +1,4 @@
-"""The 80 ImageNet prompt templates of OpenAI's CLIP, which the community's poisoning scripts turn into target captions."""
+"""The 80 ImageNet prompt templates of OpenAI's CLIP: the community's poisoning scripts make target captions of them."""
 from __future__ import annotations
 
 IMAGENET_TEMPLATES: tuple[str, ...] = (
