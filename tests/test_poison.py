@@ -442,6 +442,7 @@ def _broken_dataset(tmp_path: Path, data: Path, kind: str) -> Path:
     ("missing-pattern", ["--attack", "blended", "--n", "2", "--pattern", "nope.png"], "nope.png"),
     ("mm-no-source", ["--attack", "mmpoison", "--n", "2"], "--source-class"),
     ("multi-one-target", ["--attack", "multi-trigger", "--targets", "banana", "--n", "2"], "--targets"),
+    ("multi-too-few", ["--attack", "multi-trigger", "--targets", "banana,kite,cat", "--n", "2"], "one row per target"),
     ("corrupt-image", ["--attack", "badnets", "--image-only"], "cannot be read as an image"),
 ])
 def test_errors_are_one_line_and_leave_nothing(data, tmp_path, case, args, needle):

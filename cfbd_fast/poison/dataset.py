@@ -408,6 +408,9 @@ def _plan(table: CaptionTable, attack: str, targets: list[str], chosen: list[str
         candidates = np.arange(rows)
         what = "rows"
     k = _count(rate, n, int(candidates.size), rows, what, table)
+    if k < len(targets):
+        raise InputError(f"{k} poisoned rows cannot cover {len(targets)} targets: raise --n or --rate to at least "
+                         f"one row per target")
     picked = select.choice(candidates, size=k, replace=False) if k < candidates.size else select.permutation(candidates)
     # Split among the targets (multi-trigger): sizes as even as possible, the first targets take the remainder.
     sizes = [k // len(targets) + (1 if i < k % len(targets) else 0) for i in range(len(targets))]
