@@ -419,6 +419,8 @@ class EmbeddingStore:
             raise InputError(f"{self._path} is open read-only; open it with mode='a' to append")
         given = {name: a for name, a in (("image", image), ("text", text)) if a is not None}
         given.update(matrices)
+        if not given and meta is None and (skipped is not None or record is not None):
+            given = {name: np.empty((0, self.dim), self._dtype) for name in self.matrices}  # a commit without rows
         if set(given) != set(self.matrices):
             raise InputError(f"append needs exactly one array per matrix ({', '.join(self.matrices)}), "
                              f"got {', '.join(given) or 'none'}")

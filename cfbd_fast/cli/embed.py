@@ -41,9 +41,10 @@ def embed(
 ) -> None:
     """Embed images and captions with open_clip into a store (resumable; unusable images go to its skip list)."""
     from ..embed import embed as run_embed
-    from ..embed.models import LOCAL_DIR, is_random
+    from ..embed.models import LOCAL_DIR, TINY_MODEL, is_random, model_identity
 
-    if is_random(pretrained) and not model.startswith(LOCAL_DIR) and model != "cfbd-tiny":
+    model_identity(model, pretrained)  # a bad model or checkpoint fails here, before the note below
+    if is_random(pretrained) and not model.startswith(LOCAL_DIR) and model != TINY_MODEL:
         typer.echo(f"Note: no --pretrained weights: {model} embeds with seeded random weights (for tests and "
                    "benchmarks; pass e.g. --pretrained openai for real embeddings).", err=True)
     summary = run_embed(data, out, model, pretrained, image_column=image_column, caption_column=caption_column,

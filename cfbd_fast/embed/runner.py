@@ -22,6 +22,7 @@ import torch
 from ..errors import InputError
 from ..progress import progress_bar
 from ..store import COMMIT_RECORD, EmbeddingStore, dtype_name
+from ..threads import available_cores
 from .decode import DecodeError, GpuPreprocess, decode_cpu, is_jpeg, read_image_file
 from .models import LoadedModel, describe, load_model, model_identity, same_model
 from .sources import Sample, Source, open_source
@@ -129,10 +130,6 @@ class _BatchDecoder(torch.utils.data.Dataset):
 
 def _unbatched(item: Any) -> Any:
     return item
-
-
-def available_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def default_workers() -> int:

@@ -96,8 +96,11 @@ def open_source(data: str | os.PathLike, image_column: str = "image", caption_co
     parquets = sorted(p for p in path.glob("*.parquet") if (path / p.stem).is_dir())
     if parquets:
         return _img2dataset(text, path, parquets, caption_column)
-    raise InputError(f"{text}: found neither .tar shards nor img2dataset shards (NNNNN.parquet beside a NNNNN/ "
-                     "folder); point embed at a CSV/TSV file, an img2dataset output folder or .tar shards")
+    if (path / "data.csv").is_file():  # a dataset folder as `cfbd-fast poison` writes it
+        return _table(path / "data.csv", os.path.join(text, "data.csv"), image_column, caption_column)
+    raise InputError(f"{text}: found neither .tar shards, img2dataset shards (NNNNN.parquet beside a NNNNN/ "
+                     "folder) nor a data.csv; point embed at a CSV/TSV file, an img2dataset output folder or .tar "
+                     "shards")
 
 
 def _is_tar(name: str | os.PathLike) -> bool:
