@@ -361,6 +361,27 @@ def test_sigkilled_run_resumes_to_the_same_bytes(tmp_path):
     assert _files(killed) == _files(reference)
 
 
+def test_gpu_preprocessing_matches_open_clip_transform():
+    """The CUDA path's decode + resize + crop + normalise, run here on CPU tensors: within one 8-bit level."""
+    from cfbd_fast.embed import load_model
+    from cfbd_fast.embed.decode import DecodeError, GpuPreprocess
+
+    loaded = load_model(TINY_MODEL, None, "cpu")
+    gpu_path = GpuPreprocess(loaded.preprocess_cfg, "cpu", loaded.preprocess)
+    wide = io.BytesIO()
+    _image(5, (90, 160)).save(wide, format="JPEG")
+    images = [_encoded(i, "JPEG") for i in range(3)] + [wide.getvalue()]
+    broken = [images[0][: len(images[0]) // 2], b"\xff\xd8\xff not a jpeg"]
+    out = gpu_path([torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in images + broken])
+    step = 1 / 255 / min(loaded.preprocess_cfg["std"])
+    for data, pixels in zip(images, out):
+        reference = loaded.preprocess(Image.open(io.BytesIO(data)))
+        assert pixels.shape == reference.shape == (3, 64, 64)
+        assert float((pixels - reference).abs().max()) <= 1.01 * step
+    assert [(e.reason, "truncated" in e.detail) for e in out[4:]] == [("corrupt image", True), ("not an image", False)]
+    assert all(isinstance(e, DecodeError) for e in out[4:])
+
+
 @pytest.mark.gpu
 def test_gpu_decode_matches_cpu_decode(tmp_path):
     csv = _write_csv_dataset(tmp_path / "data", 24)

@@ -57,10 +57,12 @@ class GpuPreprocess:
     """Batched JPEG decode (nvJPEG via torchvision), resize, center crop and normalise on a CUDA device.
 
     Mirrors open_clip's inference transform for its `shortest` (square) and `squash` resize modes; `supports`
-    says whether a model's preprocessing can run here (otherwise every image is decoded on CPU).
+    says whether a model's preprocessing can run here (otherwise every image is decoded on CPU). A JPEG the
+    device decoder rejects (CMYK, arithmetic coding, damage) is retried with PIL and `preprocess` on CPU.
     """
 
-    def __init__(self, preprocess_cfg: dict, device: str):
+    def __init__(self, preprocess_cfg: dict, device: str, preprocess: Callable):
+        self.preprocess = preprocess
         size = preprocess_cfg.get("size", 224)
         self.size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
         self.resize_mode = preprocess_cfg.get("resize_mode", "shortest")
@@ -91,9 +93,15 @@ class GpuPreprocess:
                 for data in encoded:
                     try:
                         images.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device))
-                    except RuntimeError as exc:
-                        images.append(DecodeError("corrupt image", f"nvJPEG: {str(exc).splitlines()[0]}"))
-        return [image if isinstance(image, DecodeError) else self._resize(image) for image in images]
+                    except RuntimeError:
+                        images.append(None)
+        return [self._resize(image) if image is not None else self._on_cpu(data) for image, data in zip(images, encoded)]
+
+    def _on_cpu(self, data: torch.Tensor) -> torch.Tensor | DecodeError:
+        try:
+            return decode_cpu(data.numpy().tobytes(), self.preprocess).to(self.device)
+        except DecodeError as exc:
+            return exc
 
     def _resize(self, image: torch.Tensor) -> torch.Tensor:
         from torchvision.transforms import InterpolationMode

@@ -22,7 +22,7 @@ import torch
 from ..errors import InputError
 from ..progress import progress_bar
 from ..store import COMMIT_RECORD, EmbeddingStore, dtype_name
-from ..threads import available_cores
+from ..threads import available_cores, default_threads
 from .decode import DecodeError, GpuPreprocess, decode_cpu, is_jpeg, read_image_file
 from .models import LoadedModel, describe, load_model, model_identity, same_model
 from .sources import Sample, Source, open_source
@@ -169,7 +169,11 @@ def embed(data: str | os.PathLike, out: str | os.PathLike, model: str, pretraine
     with store:
         threads = torch.get_num_threads()
         if device == "cpu":
-            torch.set_num_threads(max(1, available_cores() - workers))  # the model gets the cores workers leave
+            # The model gets the cores that the workers and other busy processes leave (spinning threads on busy
+            # cores make a CPU model many times slower). Outputs depend on batch composition, which the plan
+            # fixes, but not on the thread count (1 and 2 threads write identical bytes for cfbd-tiny and
+            # ViT-B-32), so a resumed run under another load still writes the same store.
+            torch.set_num_threads(max(1, default_threads() - workers))
         try:
             loaded = load_model(model, pretrained, device=device)
             load_seconds = time.perf_counter() - started
@@ -200,7 +204,7 @@ def _run(store: EmbeddingStore, source: Source, loaded: LoadedModel, position: t
     decoder = _BatchDecoder(loaded.preprocess, loaded.tokenizer, keep_jpeg=gpu)
     loader = torch.utils.data.DataLoader(decoder, batch_size=None, sampler=plan, num_workers=workers,
                                          collate_fn=_unbatched, pin_memory=cuda)
-    gpu_preprocess = GpuPreprocess(loaded.preprocess_cfg, loaded.device) if gpu else None
+    gpu_preprocess = GpuPreprocess(loaded.preprocess_cfg, loaded.device, loaded.preprocess) if gpu else None
     autocast = torch.autocast("cuda", dtype=torch.float16) if cuda else contextlib.nullcontext()
     timings = Counter()
     skipped = Counter()

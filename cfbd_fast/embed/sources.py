@@ -147,14 +147,24 @@ def _looks_like_url(value: str) -> bool:
     return value.strip().lower().startswith(("http://", "https://"))
 
 
+def _table_rows(path: Path, text: str, reader) -> Iterator[list[str]]:
+    """The reader's rows, with malformed content turned into a one-line InputError naming the line."""
+    try:
+        yield from reader
+    except (csv.Error, UnicodeDecodeError) as exc:
+        where = f"{text} line {reader.line_num + 1}" if reader.line_num else text
+        raise InputError(f"{where}: not a readable UTF-8 table ({exc}); fix or re-export the file") from None
+
+
 def _table(path: Path, text: str, image_column: str, caption_column: str) -> Source:
     fh, reader = _open_table(path)
     with fh:
-        header = next(reader, None)
+        rows = _table_rows(path, text, reader)
+        header = next(rows, None)
         if header is None:
             raise InputError(f"{text}: empty file; expected a header line with {image_column!r} and "
                              f"{caption_column!r} columns")
-        rows = sum(1 for _ in reader)
+        rows = sum(1 for _ in rows)
     columns = [c.strip() for c in header]
     if image_column not in columns:
         if len(columns) >= 2 and _looks_like_url(columns[1]) and not _looks_like_url(columns[0]):
@@ -175,8 +185,9 @@ def _table(path: Path, text: str, image_column: str, caption_column: str) -> Sou
     def items(start: int) -> Iterator[Sample]:
         fh, reader = _open_table(path)
         with fh:
-            next(reader, None)
-            for line, row in enumerate(reader):
+            rows = _table_rows(path, text, reader)
+            next(rows, None)
+            for line, row in enumerate(rows):
                 if line < start:
                     continue
                 where = f"{text} row {line + 2}"
