@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: demo test build venv bench gpu-bench clean
+.PHONY: demo test build venv bench gpu-bench clean realdata
 
 demo: build
 	$(BIN)/cfbd-fast demo
@@ -24,6 +24,11 @@ build: $(VENV)/.built
 $(VENV)/.built: $(VENV)/.deps setup.py CMakeLists.txt $(wildcard csrc/*)
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
+
+# Real-image benchmark material in .cache/realdata/ (git-ignored): captioned emoji parts and a trained
+# open_clip local-dir model; builds only what is missing. Needs npm for the emoji package.
+realdata: build
+	$(BIN)/python benchmarks/realdata.py
 
 # CPU benchmarks of this machine; each prints a table and appends to benchmarks/results.csv.
 bench: build

