@@ -86,7 +86,8 @@ def model_stage(model, preprocess, tokenizer, paths, captions, batch: int, devic
 
 
 def baseline(model, preprocess, tokenizer, paths, captions, batch: int, device: str) -> float:
-    """The loop a user would write: one process, PIL open -> preprocess -> encode, batch by batch. Samples/s."""
+    """The loop a user would write: one process, PIL open -> preprocess -> encode, batch by batch, fp16 output
+    kept in memory (no store, no resume). Samples/s."""
     import torch
     import torch.nn.functional as F
     from PIL import Image
@@ -132,7 +133,12 @@ def main() -> None:
     import torch
 
     from cfbd_fast.embed import default_workers
+    from cfbd_fast.threads import default_threads
 
+    # The stages and the baseline get the thread count embed itself chooses for its model (cores minus load):
+    # torch's default of one thread per core oversubscribes a busy machine and would slow the baseline unfairly.
+    threads = default_threads()
+    torch.set_num_threads(threads)
     size = tuple(int(v) for v in args.size.split("x"))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -164,7 +170,7 @@ def main() -> None:
                              "wait ms/img": 1e3 * timings.get("wait_s", 0) / summary["inputs_read"]})
             if args.device == "cuda":
                 torch.cuda.empty_cache()
-    print(f"machine: {machine()}; torch threads {torch.get_num_threads()}; {args.images} JPEGs {args.size}")
+    print(f"machine: {machine()}; baseline torch threads {threads}; {args.images} JPEGs {args.size}")
     print_table("embed throughput (samples/s; ms/img = seconds per sample in that stage)", rows,
                 ["model", "method", "samples/s", "vs baseline", "decode ms/img", "model ms/img", "wait ms/img"])
     append_results("embed", rows)

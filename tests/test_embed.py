@@ -361,6 +361,26 @@ def test_sigkilled_run_resumes_to_the_same_bytes(tmp_path):
     assert _files(killed) == _files(reference)
 
 
+def test_worker_preprocessing_is_bit_identical_to_open_clip_transform():
+    """Workers send uint8 and the main process normalises whole batches: the same floats as preprocess(image)."""
+    from cfbd_fast.embed import load_model
+    from cfbd_fast.embed.decode import CpuPreprocess
+
+    loaded = load_model(TINY_MODEL, None, "cpu")
+    split = CpuPreprocess(loaded.preprocess)
+    assert split.pil_part is not None
+    rgb = _image(3, (50, 90))
+    variants = [rgb, rgb.convert("L"), rgb.convert("P"), rgb.convert("RGBA"), rgb.convert("CMYK")]
+    encoded = []
+    for image in variants:
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG" if image.mode == "CMYK" else "PNG")
+        encoded.append(buffer.getvalue())
+    batch = split.finish(torch.stack([split(data) for data in encoded]))
+    reference = torch.stack([loaded.preprocess(Image.open(io.BytesIO(data))) for data in encoded])
+    assert batch.dtype == torch.float32 and torch.equal(batch, reference)
+
+
 def test_gpu_preprocessing_matches_open_clip_transform():
     """The CUDA path's decode + resize + crop + normalise, run here on CPU tensors: within one 8-bit level."""
     from cfbd_fast.embed import load_model

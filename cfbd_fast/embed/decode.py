@@ -9,6 +9,7 @@ import io
 import warnings
 from typing import Callable
 
+import numpy as np
 import torch
 
 
@@ -36,7 +37,7 @@ def read_image_file(path: str) -> bytes:
 
 
 def decode_cpu(data: bytes, preprocess: Callable) -> torch.Tensor:
-    """Decode fully with PIL (truncated files fail here) and apply open_clip's inference transform."""
+    """Decode fully with PIL (truncated files fail here) and apply `preprocess` to the image."""
     from PIL import Image, UnidentifiedImageError
 
     with warnings.catch_warnings():
@@ -51,6 +52,43 @@ def decode_cpu(data: bytes, preprocess: Callable) -> torch.Tensor:
             raise DecodeError("too large", str(exc)) from None
         except Exception as exc:  # truncated or corrupt data surfaces as OSError, SyntaxError, ValueError, zlib.error...
             raise DecodeError("corrupt image", f"{type(exc).__name__}: {exc}") from None
+
+
+class CpuPreprocess:
+    """open_clip's inference transform in two steps: `__call__` (in loader workers) decodes and runs the PIL part
+    (resize, crop, RGB) to a uint8 (H, W, 3) tensor; `finish` runs ToTensor + Normalize on a whole batch where
+    the model is, with the same arithmetic, so the result is bit-identical to `preprocess(image)` while workers
+    do less and pass a quarter of the bytes. A transform of another shape runs whole in `__call__`.
+    """
+
+    def __init__(self, preprocess: Callable):
+        from torchvision.transforms import Compose, Normalize, ToTensor
+
+        self.preprocess = preprocess
+        self.pil_part, self.mean, self.std = None, None, None
+        steps = getattr(preprocess, "transforms", None)
+        if (isinstance(preprocess, Compose) and steps and len(steps) >= 2 and isinstance(steps[-1], Normalize)
+                and (isinstance(steps[-2], ToTensor) or type(steps[-2]).__name__ == "MaybeToTensor")
+                and not steps[-1].inplace):
+            self.pil_part = Compose(steps[:-2])
+            self.mean = torch.as_tensor(steps[-1].mean, dtype=torch.float32)
+            self.std = torch.as_tensor(steps[-1].std, dtype=torch.float32)
+
+    def __call__(self, data: bytes) -> torch.Tensor:
+        if self.pil_part is None:
+            return decode_cpu(data, self.preprocess)
+        image = decode_cpu(data, self.pil_part)
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        return torch.from_numpy(np.array(image, dtype=np.uint8, copy=True))
+
+    def finish(self, batch: torch.Tensor) -> torch.Tensor:
+        """(n, H, W, 3) uint8 -> (n, 3, H, W) float32, normalised; float batches pass through unchanged."""
+        if batch.dtype != torch.uint8:
+            return batch
+        pixels = batch.permute(0, 3, 1, 2).contiguous().to(torch.float32).div(255)
+        mean, std = self.mean.to(pixels.device), self.std.to(pixels.device)
+        return pixels.sub_(mean.view(1, -1, 1, 1)).div_(std.view(1, -1, 1, 1))
 
 
 class GpuPreprocess:

@@ -23,7 +23,7 @@ from ..errors import InputError
 from ..progress import progress_bar
 from ..store import COMMIT_RECORD, EmbeddingStore, dtype_name
 from ..threads import available_cores, default_threads
-from .decode import DecodeError, GpuPreprocess, decode_cpu, is_jpeg, read_image_file
+from .decode import CpuPreprocess, DecodeError, GpuPreprocess, is_jpeg, read_image_file
 from .models import LoadedModel, describe, load_model, model_identity, same_model
 from .sources import Sample, Source, open_source
 
@@ -95,9 +95,10 @@ class _Plan:
 
 
 class _BatchDecoder(torch.utils.data.Dataset):
-    """Runs in loader workers: reads and decodes a batch's images, tokenizes its captions."""
+    """Runs in loader workers: reads and decodes a batch's images (to uint8, see CpuPreprocess), tokenizes its
+    captions; with `keep_jpeg`, JPEG bytes are passed on undecoded for the GPU."""
 
-    def __init__(self, preprocess, tokenizer, keep_jpeg: bool):
+    def __init__(self, preprocess: CpuPreprocess, tokenizer, keep_jpeg: bool):
         self.preprocess, self.tokenizer, self.keep_jpeg = preprocess, tokenizer, keep_jpeg
 
     def __len__(self) -> int:  # the plan is a stream; the loader never asks for a length
@@ -116,7 +117,7 @@ class _BatchDecoder(torch.utils.data.Dataset):
                     encoded.append(torch.frombuffer(bytearray(data), dtype=torch.uint8))
                     on_gpu.append(True)
                 else:
-                    pixels.append(decode_cpu(data, self.preprocess))
+                    pixels.append(self.preprocess(data))
                     on_gpu.append(False)
             except DecodeError as exc:
                 skips.append((sample.key, sample.source, exc.reason, exc.detail))
@@ -201,7 +202,8 @@ def _run(store: EmbeddingStore, source: Source, loaded: LoadedModel, position: t
     cuda = loaded.device.startswith("cuda")
     record = store.record[_RECORD_KEY]
     plan = _Plan(source, position, commit_rows, batch_size)
-    decoder = _BatchDecoder(loaded.preprocess, loaded.tokenizer, keep_jpeg=gpu)
+    cpu_preprocess = CpuPreprocess(loaded.preprocess)
+    decoder = _BatchDecoder(cpu_preprocess, loaded.tokenizer, keep_jpeg=gpu)
     loader = torch.utils.data.DataLoader(decoder, batch_size=None, sampler=plan, num_workers=workers,
                                          collate_fn=_unbatched, pin_memory=cuda)
     gpu_preprocess = GpuPreprocess(loaded.preprocess_cfg, loaded.device, loaded.preprocess) if gpu else None
@@ -219,13 +221,15 @@ def _run(store: EmbeddingStore, source: Source, loaded: LoadedModel, position: t
             now = time.perf_counter()
             timings["wait_s"] += now - waited
             timings["decode_s"] += result["decode_s"]
-            pixels, rows, skips = _assemble(result, gpu_preprocess, loaded, timings)
+            tick = time.perf_counter()
+            pixels, rows, skips = _assemble(result, cpu_preprocess, gpu_preprocess, loaded.device, timings)
+            timings["normalize_s"] += time.perf_counter() - tick
             kept = [result["kept"][i] for i in rows]
             if kept:
                 tick = time.perf_counter()
                 tokens = result["tokens"] if len(rows) == len(result["kept"]) else result["tokens"][rows]
                 with autocast:
-                    image = loaded.model.encode_image(pixels.to(loaded.device, non_blocking=True))
+                    image = loaded.model.encode_image(pixels)
                     text = loaded.model.encode_text(tokens.to(loaded.device, non_blocking=True))
                 image = torch.nn.functional.normalize(image.float(), dim=-1).cpu().numpy()
                 text = torch.nn.functional.normalize(text.float(), dim=-1).cpu().numpy()
@@ -246,19 +250,23 @@ def _run(store: EmbeddingStore, source: Source, loaded: LoadedModel, position: t
             "loop_s": time.perf_counter() - loop_started}
 
 
-def _assemble(result: dict, gpu_preprocess: GpuPreprocess | None, loaded: LoadedModel,
+def _assemble(result: dict, cpu_preprocess: CpuPreprocess, gpu_preprocess: GpuPreprocess | None, device: str,
               timings: Counter) -> tuple[torch.Tensor | None, list[int], list]:
-    """The batch's pixels in input order (CPU-decoded rows plus GPU-decoded JPEGs), the indices of the decoded
-    samples in `result["kept"]`, and the skip entries (the worker's plus JPEGs the GPU could not decode)."""
+    """The batch's normalised pixels on the device in input order (CPU-decoded rows plus GPU-decoded JPEGs), the
+    indices of the decoded samples in `result["kept"]`, and the skip entries (the worker's plus undecodable
+    JPEGs)."""
     skips = list(result["skips"])
+    cpu_pixels = result["pixels"]
+    if cpu_pixels is not None:
+        cpu_pixels = cpu_preprocess.finish(cpu_pixels.to(device, non_blocking=True))
     if not result["encoded"]:
-        return result["pixels"], list(range(len(result["kept"]))), skips
+        return cpu_pixels, list(range(len(result["kept"]))), skips
     tick = time.perf_counter()
     decoded = iter(gpu_preprocess(result["encoded"]))
-    cpu_rows = iter(result["pixels"] if result["pixels"] is not None else [])
+    cpu_rows = iter(cpu_pixels if cpu_pixels is not None else [])
     pixels, rows = [], []
     for index, (item, on_gpu) in enumerate(zip(result["kept"], result["on_gpu"])):
-        row = next(decoded) if on_gpu else next(cpu_rows).to(loaded.device, non_blocking=True)
+        row = next(decoded) if on_gpu else next(cpu_rows)
         if isinstance(row, DecodeError):
             skips.append((item[0], item[1], row.reason, row.detail))
             continue
