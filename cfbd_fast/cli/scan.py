@@ -57,8 +57,13 @@ def scan(
     = None,
     threshold: Annotated[Optional[float], typer.Option(help="A fixed threshold on the score (default: estimated).")]
     = None,
-    threshold_method: Annotated[ThresholdMethod, typer.Option(
-        help="Estimator when no --threshold is given. " + _help(THRESHOLD_METHODS))] = _DEFAULTS.threshold_method,
+    threshold_method: Annotated[Optional[ThresholdMethod], typer.Option(
+        help="How the verdict's cut is set when no --threshold is given (default: per method; fdr for cfbd). "
+             + _help(THRESHOLD_METHODS))] = None,
+    fdr: Annotated[float, typer.Option(help="False-discovery rate of --threshold-method fdr: the expected share of "
+                                            "clean rows among the flagged.")] = _DEFAULTS.fdr,
+    alpha: Annotated[float, typer.Option(help="Family-wise error rate of --threshold-method fwer: the chance of "
+                                              "flagging any clean row.")] = _DEFAULTS.alpha,
     fpr: Annotated[float, typer.Option(help="Target false-positive rate of the estimated threshold.")]
     = _DEFAULTS.fpr,
     labels: Annotated[Optional[Path], typer.Option(
@@ -70,6 +75,8 @@ def scan(
     = _DEFAULTS.random_seed,
     knn_neighbours: Annotated[int, typer.Option(help="Captions averaged by --mapper knn.")]
     = _DEFAULTS.knn_neighbours,
+    max_clusters: Annotated[int, typer.Option(help="Caption clusters of the seed pool tested (the least consistent "
+                                                   "first).")] = _DEFAULTS.max_clusters,
     threads: Annotated[Optional[int], typer.Option(
         help="CPU threads for torch and numba (default: the free cores).")] = None,
     quiet: Quiet = False,
@@ -83,13 +90,15 @@ def scan(
     config = ScanConfig(
         method=method.value, components=components, gamma=gamma, seed_set_size=seed_set_size,
         seed_select=seed_select.value if seed_select else None, reduce=reduce.value, topk=topk,
-        score=score.value if score else None, threshold=threshold, threshold_method=threshold_method.value,
-        fpr=fpr, chunk_rows=chunk_rows, device=device.value, random_seed=random_seed,
-        knn_neighbours=knn_neighbours, threads=threads).validated()
+        score=score.value if score else None, threshold=threshold,
+        threshold_method=threshold_method.value if threshold_method else None, fdr=fdr, alpha=alpha, fpr=fpr, chunk_rows=chunk_rows, device=device.value, random_seed=random_seed,
+        knn_neighbours=knn_neighbours, max_clusters=max_clusters, threads=threads).validated()
     out_dir = check_out_dir(out or store.with_name(store.name.removesuffix(".cfbd") + ".scan"), force=force)
     result = run_scan(store, mapper, config=config, labels=labels, progress=not quiet)
     result.write(out_dir)
     result.summary["out"] = str(out_dir)
+    for warning in result.summary["warnings"]:
+        typer.echo(f"warning: {warning}", err=True)
     if json_out:
         typer.echo(json.dumps(result.summary, indent=2, default=json_default))
     else:
@@ -97,24 +106,31 @@ def scan(
 
 
 def format_summary(summary: dict) -> str:
-    """A short human table of one scan."""
+    """A short human report of one scan."""
     cfg = summary["config"]
     counts = summary["counts"]
     lines = [f"method {cfg['method']}  rows {summary['store']['rows']:,}  dim {summary['store']['dim']}  "
              f"device {summary['device']}"]
+    fit = summary.get("mapper_fit")
+    if fit:
+        lines.append(f"mapper fit      median cos(F(I), T) {fit['median_cos_generated_caption']:.3f}  vs the mean "
+                     f"caption {fit['median_cos_mean_caption']:.3f}  vs cos(I, T) {fit['median_cos_image_caption']:.3f}")
+    for c in summary.get("clusters", []):
+        lines.append(f"cluster {c['cluster']}       {'BACKDOOR' if c['backdoor'] else 'not a backdoor'}: "
+                     f"{c['size']} seed-pool rows, {c['significant_rows']} significant, caption {c['caption']!r}; "
+                     f"{c['reason']}")
     cluster = summary.get("cluster")
     if cluster is not None and not cluster["found"]:
-        lines.append(f"no backdoor cluster found: {cluster['reason']}; nothing flagged")
-    elif cluster is not None:
-        lines.append(f"backdoor cluster: {cluster['cluster_rows']} of {cluster['seed_rows']} seeds, caption "
-                     f"coherence {cluster['cluster_coherence']:.3f} (random captions {cluster['null_coherence']:.3f})")
+        lines.append(f"no backdoor cluster found; nothing flagged")
     sub = counts["subset"]
     lines.append(f"coarse subsets  benign {sub['benign']:,}  seed {sub['seed']:,}  suspicious {sub['suspicious']:,}"
                  f"  invalid {sub['invalid']:,}")
     ver = counts["verdict"]
     thr = summary["threshold"]
+    cut = (f"{thr['method']} {thr['level']:g} on p-values" if "level" in thr
+           else f"threshold {thr.get('value', float('nan')):.4g} on {thr['score']}, {thr['method']}")
     lines.append(f"verdicts        poisoned {ver['poisoned']:,}  benign {ver['benign']:,}  invalid {ver['invalid']:,}"
-                 f"  (threshold {thr['value']:.4g} on {thr['score']}, {thr['method']})")
+                 f"  ({cut})")
     m = summary.get("metrics")
     if m:
         lines.append(f"vs ground truth TPR {m['tpr']:.4f}  FPR {m['fpr']:.5f}  precision {m['precision']:.4f}  "
@@ -123,6 +139,8 @@ def format_summary(summary: dict) -> str:
     t = summary["timings_s"]
     stages = "  ".join(f"{k} {v:.2f}s" for k, v in t.items() if k != "total")
     lines.append(f"time {t['total']:.2f}s ({summary['rows_per_s']:,.0f} rows/s): {stages}")
+    for warning in summary.get("warnings", []):
+        lines.append(f"warning: {warning}")
     if "out" in summary:
         lines.append(f"outputs in {summary['out']}")
     return "\n".join(lines)

@@ -84,3 +84,45 @@ def estimate(score: np.ndarray, method: str, *, reference: np.ndarray | None = N
 def all_estimates(score: np.ndarray, methods, *, reference: np.ndarray | None, fpr: float, seed: int = 0) -> dict:
     """Each named estimator's threshold, for the summary (so users can see how much the choice matters)."""
     return {m: estimate(score, m, reference=reference, fpr=fpr, seed=seed) for m in methods}
+
+
+# -- a verdict with a stated error rate ------------------------------------------------------------------------
+def null_pvalues(score: np.ndarray, reference: np.ndarray, upper_quantile: float = 0.95) -> tuple[np.ndarray, dict]:
+    """One-sided p-values of `score` under a normal null fitted to the bulk of `reference` rows.
+
+    Location: the median. Scale: from the distance between the median and the `upper_quantile` (the side the
+    poisons are on, and the side whose tail decides false positives), so a bulk whose upper tail is heavier
+    than a normal one gets a wider null. A poisoned fraction below 1 - upper_quantile does not move either.
+    NaN scores get p = 1.
+    """
+    from scipy.special import ndtr
+
+    ref = score[reference & np.isfinite(score)].astype(np.float64)
+    loc = float(np.median(ref))
+    z_q = NormalDist().inv_cdf(upper_quantile)
+    scale = max(float(np.quantile(ref, upper_quantile)) - loc, 1e-12) / z_q
+    mad = float(np.median(np.abs(ref - loc))) * 1.4826
+    scale = max(scale, mad)
+    p = np.ones(len(score), dtype=np.float64)
+    ok = np.isfinite(score)
+    p[ok] = ndtr(-(score[ok].astype(np.float64) - loc) / scale)
+    return p, {"location": loc, "scale": scale, "upper_quantile": upper_quantile, "reference_rows": int(len(ref))}
+
+
+def benjamini_hochberg(p: np.ndarray, fdr: float) -> tuple[np.ndarray, float]:
+    """Rows rejected by Benjamini-Hochberg at false-discovery rate `fdr`, and the p-value cut it implies."""
+    n = len(p)
+    order = np.argsort(p, kind="stable")
+    passed = np.flatnonzero(p[order] <= fdr * np.arange(1, n + 1) / n)
+    reject = np.zeros(n, dtype=bool)
+    if len(passed) == 0:
+        return reject, 0.0
+    k = passed[-1]
+    reject[order[:k + 1]] = True
+    return reject, float(p[order[k]])
+
+
+def family_wise(p: np.ndarray, alpha: float) -> tuple[np.ndarray, float]:
+    """Rows rejected by Bonferroni at family-wise error rate `alpha`, and the p-value cut."""
+    cut = alpha / max(len(p), 1)
+    return p <= cut, cut

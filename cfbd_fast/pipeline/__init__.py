@@ -36,6 +36,8 @@ class ScanResult:
     subset: np.ndarray  # int8 codes into SUBSETS
     z: np.ndarray
     score: np.ndarray
+    p_value: np.ndarray  # float64: each row's p-value under the null of the score (NaN where none was computed)
+    cluster: np.ndarray  # int16: the caption cluster a row's z and score refer to (-1: none)
     verdict: np.ndarray  # int8 codes into VERDICTS
     summary: dict = field(default_factory=dict)
     meta: "pa.Table" = field(default=None, repr=False)  # the store's metadata, row-aligned
@@ -101,7 +103,13 @@ def scan(store, mapper=None, *, config: ScanConfig | None = None, labels: str | 
         timer.add("mapper_fit", time.perf_counter() - t0)
 
     s = stages.consistency_pass(source, mapper, cfg, timer, progress)
-    if cfg.spec.needs_mapper:
+    if cfg.spec.verdict == "clusters":
+        stages.coarse_stage(s, cfg, source, timer)
+        reference = stages.reference_sample(s, mapper, cfg, source)
+        found = stages.cluster_stage(s, reference, cfg, source, timer)
+        z = stages.cluster_correlation_pass(s, found, cfg, source, timer, progress)
+        threshold = stages.clusters_verdict(s, found, z, cfg, source, timer)
+    elif cfg.spec.needs_mapper:
         split = stages.coarse_stage(s, cfg, source, timer)
         corr_captions = stages.seed_stage(s, cfg, source, timer)
         stages.correlation_pass(s, corr_captions, cfg, source, timer, progress)
@@ -113,7 +121,7 @@ def scan(store, mapper=None, *, config: ScanConfig | None = None, labels: str | 
     summary = _summary(s, cfg, source, labels, truth, mapper_fp, threshold, timer, elapsed, threads)
     return ScanResult(store_path=str(source.path), row_id=np.arange(source.rows, dtype=np.int64), keys=source.keys,
                       s_o=s.s_o, s_g=s.s_g, c=s.c, posterior=s.posterior, subset=s.subset, z=s.z, score=s.score,
-                      verdict=s.verdict, summary=summary, meta=source.meta)
+                      p_value=s.p_value, cluster=s.cluster, verdict=s.verdict, summary=summary, meta=source.meta)
 
 
 def _summary(s, cfg: ScanConfig, source: ChunkSource, labels, truth, mapper_fp, threshold: dict, timer,
@@ -137,6 +145,7 @@ def _summary(s, cfg: ScanConfig, source: ChunkSource, labels, truth, mapper_fp, 
         "device": device_name(cfg.device),
         "threads": threads,
         "versions": versions(),
+        "warnings": list(s.warnings),
     })
     if truth is not None:
         valid = s.valid

@@ -20,18 +20,20 @@ class Method:
     seed_select: str | None = None  # default seed selector (None: no seed set)
     score: str | None = None  # default fine-stage score; for baselines the score they compute
     verdict: str = "threshold"  # see VERDICT_RULES
+    threshold_method: str = "gap"  # default threshold estimator
 
 
 VERDICT_RULES = {
-    "clusters": "rows above the threshold, only when the seed set holds a backdoor cluster",
+    "clusters": "rows significant for a caption cluster whose statistics make it a backdoor",
     "paper": "the seed set, plus suspicious rows above the threshold (the paper's rule)",
     "coarse": "every row that the coarse stage does not call benign",
     "threshold": "rows whose score is above the threshold",
 }
 
 METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("cfbd", "CFBD with dense seeds, a backdoor-cluster test and the score z - s_o", True,
-           seed_select="dense", score="z-so", verdict="clusters"),
+    Method("cfbd", "CFBD with every caption cluster of the seed pool examined, the score z - s_o and an "
+           "error-controlled verdict", True, seed_select="dense", score="z-so", verdict="clusters",
+           threshold_method="fdr"),
     Method("cfbd-paper", "CFBD as the paper states it: top-q seeds, the score z", True,
            seed_select="top", score="z", verdict="paper"),
     Method("coarse", "the coarse stage alone: flag all that the GMM does not call benign", True,
@@ -54,6 +56,8 @@ REDUCTIONS = {
     "topk": "mean of the --topk largest cosines",
 }
 THRESHOLD_METHODS = {
+    "fdr": "Benjamini-Hochberg on per-row p-values under a robust normal null, at --fdr",
+    "fwer": "Bonferroni on the same p-values, family-wise error rate --alpha",
     "gap": "the widest gap in the top 5% of scores",
     "robust-z": "median + z(1 - fpr) x 1.4826 MAD over all rows",
     "null-quantile": "the (1 - fpr) quantile over the coarse benign subset",
@@ -83,10 +87,13 @@ class ScanConfig:
     topk: int = 5
     score: str | None = None
     threshold: float | None = None
-    threshold_method: str = "gap"
+    threshold_method: str | None = None
+    fdr: float = 0.05
+    alpha: float = 0.05
     fpr: float = 0.001
     min_cluster: int = 5
     cluster_min_relative: float = 0.5
+    max_clusters: int = 8
     chunk_rows: int = 16384  # rows streamed at a time: the working set, with the mapper's activations
     device: str = "cpu"
     random_seed: int = 0
@@ -119,7 +126,8 @@ class ScanConfig:
         method = METHODS[self.method]
         out = replace(self, self_options=dict(self.self_options),
                       seed_select=self.seed_select or method.seed_select or "top",
-                      score=self.score or method.score)
+                      score=self.score or method.score,
+                      threshold_method=self.threshold_method or method.threshold_method)
         _choice("seed_select", out.seed_select, SEED_SELECTORS)
         if method.needs_mapper:
             _choice("score", out.score, SCORES)
@@ -138,6 +146,9 @@ class ScanConfig:
             _at_least("threads", out.threads, 1)
         _open_unit("gamma", out.gamma)
         _open_unit("fpr", out.fpr)
+        _open_unit("fdr", out.fdr)
+        _open_unit("alpha", out.alpha)
+        _at_least("max_clusters", out.max_clusters, 1)
         _open_unit("cluster_min_relative", out.cluster_min_relative)
         if out.threshold is not None and not math.isfinite(out.threshold):
             raise InputError(f"{option_name('threshold')} must be a finite number, got {out.threshold}")

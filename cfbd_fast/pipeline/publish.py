@@ -60,7 +60,7 @@ def write_outputs(result, out_dir: str | Path) -> Path:
         "row_id": result.row_id, "key": result.keys,
         "s_o": result.s_o, "s_g": result.s_g, "c": result.c, "posterior": result.posterior,
         "subset": pa.array(np.asarray(SUBSETS)[result.subset]).dictionary_encode(),
-        "z": result.z, "score": result.score,
+        "z": result.z, "score": result.score, "p_value": result.p_value, "cluster": result.cluster,
         "verdict": pa.array(np.asarray(VERDICTS)[result.verdict]).dictionary_encode(),
     })
     pq.write_table(table, tmp / "scores.parquet")
@@ -75,7 +75,7 @@ def write_outputs(result, out_dir: str | Path) -> Path:
     columns = {"row_id": flagged, "key": result.keys.take(flagged)}
     if "caption" in result.meta.column_names:
         columns["caption"] = result.meta.column("caption").take(flagged)
-    for name in ("s_o", "c", "z", "score"):
+    for name in ("s_o", "c", "z", "score", "p_value", "cluster"):
         columns[name] = pa.array(getattr(result, name)[result.poisoned_rows])
     pacsv.write_csv(pa.table(columns), tmp / "flagged.csv")
     (tmp / "summary.json").write_text(json.dumps(result.summary, indent=2, default=json_default) + "\n")
