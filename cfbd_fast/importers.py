@@ -17,6 +17,10 @@ from .store import EmbeddingStore, write_batches
 _KEY_COLUMNS = ("key", "image_path", "url")  # first one present becomes the store's `key`
 
 
+def _rows(n: int) -> str:
+    return f"{n:,} row" + ("" if n == 1 else "s")
+
+
 def load_npy(path: str | os.PathLike) -> np.ndarray:
     """Memory-map a 2-D .npy file; errors name the file."""
     path = Path(path)
@@ -44,6 +48,9 @@ def _meta_columns(parquet_file: Any, path: Path, need_caption: bool) -> dict[str
     key = next((c for c in _KEY_COLUMNS if c in names), None)
     if key is not None:
         columns["key"] = key
+    source = next((c for c in ("url", "image_path") if c in names and c != key), None)
+    if source is not None:  # where the image came from (img2dataset re-downloads from the url)
+        columns["source"] = source
     if "is_poisoned" in names:
         columns["is_poisoned"] = "is_poisoned"
     if "caption" not in columns and "key" not in columns:
@@ -98,7 +105,7 @@ def from_npy(image_npy: str | os.PathLike, text_npy: str | os.PathLike, out: str
         meta_path = Path(meta_parquet)
         parquet_file = _parquet_file(meta_path)
         if parquet_file.metadata.num_rows != rows:
-            raise InputError(f"{meta_path}: {parquet_file.metadata.num_rows} rows, the embeddings have {rows}")
+            raise InputError(f"{meta_path}: {_rows(parquet_file.metadata.num_rows)}, the embeddings have {_rows(rows)}")
         batches = _meta_batches(parquet_file, _meta_columns(parquet_file, meta_path, need_caption=False), 0,
                                 batch_rows)
     return _write_new_store(out, {"image": image, "text": text}, batches, rows=rows, dtype=dtype, model=model,
@@ -161,8 +168,8 @@ def import_clip_retrieval(src: str | os.PathLike, out: str | os.PathLike, model:
         if text.shape != image.shape:
             raise InputError(f"{texts[index]}: shape {text.shape} differs from {images[index].name}'s {image.shape}")
         if parquet_file.metadata.num_rows != image.shape[0]:
-            raise InputError(f"{metas[index]}: {parquet_file.metadata.num_rows} rows, {images[index].name} has "
-                             f"{image.shape[0]}")
+            raise InputError(f"{metas[index]}: {_rows(parquet_file.metadata.num_rows)}, {images[index].name} has "
+                             f"{_rows(image.shape[0])}")
         if dim is not None and image.shape[1] != dim:
             raise InputError(f"{images[index]}: dim {image.shape[1]}, earlier partitions have {dim}")
         dim = image.shape[1]

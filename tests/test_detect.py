@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from cfbd_fast.detect import baselines, coarse, fine, metrics, seeds, threshold
-from cfbd_fast.pipeline.options import THRESHOLD_METHODS
+from cfbd_fast.detect import baselines, clusters, coarse, fine, metrics, seeds, threshold
+from cfbd_fast.pipeline.stages import CLASSIC_ESTIMATORS
 
 
 # -- seeds ------------------------------------------------------------------------------------------------
@@ -43,20 +43,30 @@ def test_mean_pairwise_cosine_matches_literal():
     assert seeds.mean_pairwise_cosine(x) == pytest.approx(literal, abs=1e-6)
 
 
-def test_prune_to_cluster_drops_fillers():
+def test_caption_clusters_finds_each_shared_caption_densest_first():
     rng = np.random.default_rng(2)
     d = 64
-    target = rng.normal(size=d)
-    caps = np.vstack([target + 0.1 * rng.normal(size=(8, d)), rng.normal(size=(12, d))])
-    keep = fine.prune_to_cluster(np.arange(20), caps, null_coherence=0.0)
-    assert keep[:8].all() and not keep[8:].any()
+    banana, pizza = rng.normal(size=d), rng.normal(size=d)
+    caps = np.vstack([banana + 0.1 * rng.normal(size=(12, d)), rng.normal(size=(30, d)),
+                      pizza + 0.1 * rng.normal(size=(7, d)), rng.normal(size=(3, 64))])
+    rows = np.arange(len(caps)) + 1000
+    found = clusters.caption_clusters(rows, caps, null_coherence=0.0, min_members=5)
+    assert [sorted(c.rows.tolist()) for c in found] == [list(range(1000, 1012)), list(range(1042, 1049))]
 
 
-def test_prune_to_cluster_on_random_captions_keeps_only_the_medoid():
+def test_caption_clusters_on_random_captions_finds_none():
     rng = np.random.default_rng(3)
-    caps = rng.normal(size=(50, 128))
-    keep = fine.prune_to_cluster(np.arange(50), caps, null_coherence=0.0)
-    assert keep.sum() == 1
+    caps = rng.normal(size=(200, 128))
+    assert clusters.caption_clusters(np.arange(200), caps, null_coherence=0.0, min_members=5) == []
+
+
+def test_coherence_z_sees_a_shared_direction():
+    rng = np.random.default_rng(5)
+    null = rng.normal(size=(2000, 32))
+    shared = rng.normal(size=(20, 32)) + 1.5 * rng.normal(size=32)
+    _, z_shared = clusters.coherence_z(shared, null, rng)
+    _, z_random = clusters.coherence_z(rng.normal(size=(20, 32)), null, rng)
+    assert z_shared > 10 and abs(z_random) < 4
 
 
 # -- coarse stage ---------------------------------------------------------------------------------------
@@ -113,8 +123,8 @@ def test_mixture_threshold_separates_two_modes():
 def test_every_declared_estimator_is_implemented():
     rng = np.random.default_rng(8)
     score = np.concatenate([rng.normal(0.0, 0.05, 5000), rng.normal(1.0, 0.05, 50)])
-    estimates = threshold.all_estimates(score, THRESHOLD_METHODS, reference=score < 0.5, fpr=0.001)
-    assert set(estimates) == set(THRESHOLD_METHODS)
+    estimates = threshold.all_estimates(score, CLASSIC_ESTIMATORS, reference=score < 0.5, fpr=0.001)
+    assert set(estimates) == {"gap", "robust-z", "null-quantile", "mixture"}
     assert all(0.1 < t < 0.95 for t in estimates.values()), estimates
 
 
@@ -160,10 +170,29 @@ def test_detection_metrics_counts():
     assert m["true_positives"] == 1 and m["false_positives"] == 1
 
 
-def test_cluster_verdict_separates_backdoor_from_duplicate_family():
-    backdoor = fine.cluster_verdict(n_members=40, min_members=5, image_coherence=0.45, null_image_coherence=0.44)
-    family = fine.cluster_verdict(n_members=40, min_members=5, image_coherence=0.9, null_image_coherence=0.44)
-    small = fine.cluster_verdict(n_members=3, min_members=5, image_coherence=0.45, null_image_coherence=0.44)
-    assert backdoor["found"] and not family["found"] and not small["found"]
-    assert "duplicate family" in family["reason"] and "only 3" in small["reason"]
-    assert family["relative_image_coherence"] == pytest.approx((0.9 - 0.44) / (1 - 0.44))
+
+
+# -- error-controlled verdicts --------------------------------------------------------------------------------
+def test_benjamini_hochberg_matches_scipy():
+    from scipy.stats import false_discovery_control
+
+    rng = np.random.default_rng(9)
+    p = np.concatenate([rng.uniform(size=5000), rng.uniform(0, 1e-6, size=40)])
+    for fdr in (0.01, 0.05, 0.2):
+        reject, cut = threshold.benjamini_hochberg(p, fdr)
+        np.testing.assert_array_equal(reject, false_discovery_control(p, method="bh") <= fdr)
+        assert reject.sum() >= 40 and np.all(p[reject] <= cut)
+
+
+def test_null_pvalues_are_uniform_on_the_null_and_tiny_for_outliers():
+    rng = np.random.default_rng(10)
+    score = np.concatenate([rng.normal(0.2, 0.05, 100_000), np.full(30, 0.8)])
+    p, null = threshold.null_pvalues(score, np.ones(len(score), dtype=bool))
+    assert null["location"] == pytest.approx(0.2, abs=0.002) and null["scale"] == pytest.approx(0.05, rel=0.03)
+    bulk = p[:100_000]
+    for q in (0.01, 0.1, 0.5):  # P(p <= q) = q under the null
+        assert np.mean(bulk <= q) == pytest.approx(q, rel=0.1)
+    reject, _ = threshold.benjamini_hochberg(p, 0.05)
+    assert reject[100_000:].all() and reject[:100_000].sum() <= 5
+    fw, _ = threshold.family_wise(p, 0.05)
+    assert fw[100_000:].all() and fw[:100_000].sum() == 0

@@ -67,7 +67,7 @@ def test_import_clip_retrieval_errors_name_the_file(tmp_path):
         import_clip_retrieval(tmp_path / "src", tmp_path / "b.cfbd", progress=False)
     np.save(tmp_path / "src" / "text_emb" / "text_emb_3.npy", np.zeros((4, 16), dtype=np.float16))
     pq.write_table(pa.table({"image_path": ["x"], "caption": ["y"]}), tmp_path / "src" / "metadata" / "metadata_7.parquet")
-    with pytest.raises(InputError, match="metadata_7.parquet: 1 rows"):
+    with pytest.raises(InputError, match="metadata_7.parquet: 1 row, "):
         import_clip_retrieval(tmp_path / "src", tmp_path / "c.cfbd", progress=False)
     with pytest.raises(InputError, match="not a clip-retrieval output folder"):
         import_clip_retrieval(tmp_path / "nowhere", tmp_path / "d.cfbd", progress=False)
@@ -85,6 +85,7 @@ def test_from_npy_streams_with_metadata(tmp_path):
                   dtype="bfloat16", batch_rows=8, progress=False) as store:
         assert store.image.tobytes() == image.astype(store.dtype).tobytes()
         assert store.meta.column("key").to_pylist() == [f"https://x/{i}" for i in range(25)]
+        assert "source" not in store.meta.column_names  # the url is the key already
         assert store.meta.column("is_poisoned").to_pylist() == poisoned
         assert store.normalized is False
 
@@ -96,7 +97,7 @@ def test_from_npy_rejects_misaligned_inputs(tmp_path):
         from_npy(tmp_path / "i.npy", tmp_path / "t.npy", tmp_path / "s.cfbd", progress=False)
     np.save(tmp_path / "t.npy", np.zeros((5, 4), dtype=np.float32))
     pq.write_table(pa.table({"caption": ["a"]}), tmp_path / "m.parquet")
-    with pytest.raises(InputError, match="m.parquet: 1 rows"):
+    with pytest.raises(InputError, match="m.parquet: 1 row, the embeddings have 5 rows"):
         from_npy(tmp_path / "i.npy", tmp_path / "t.npy", tmp_path / "s.cfbd", meta_parquet=tmp_path / "m.parquet",
                  progress=False)
     (tmp_path / "bad.npy").write_bytes(b"not numpy")
@@ -161,3 +162,15 @@ def test_cli_import_clip_retrieval(tmp_path):
         assert store.meta.column("key").to_pylist() == keys
     result = runner.invoke(app, ["store", "import-clip-retrieval", str(tmp_path / "nope"), str(tmp_path / "p.cfbd")])
     assert result.exit_code == 1 and "not a clip-retrieval output folder" in _error_text(result)
+
+
+def test_url_is_kept_beside_an_image_path_key(tmp_path):
+    rng = np.random.default_rng(3)
+    np.save(tmp_path / "i.npy", rng.standard_normal((4, 8)).astype(np.float32))
+    np.save(tmp_path / "t.npy", rng.standard_normal((4, 8)).astype(np.float32))
+    pq.write_table(pa.table({"image_path": [f"img/{i}.jpg" for i in range(4)], "url": [f"https://x/{i}" for i in range(4)],
+                             "caption": list("abcd")}), tmp_path / "m.parquet")
+    with from_npy(tmp_path / "i.npy", tmp_path / "t.npy", tmp_path / "s.cfbd", meta_parquet=tmp_path / "m.parquet",
+                  progress=False) as store:
+        assert store.meta.column("key").to_pylist() == [f"img/{i}.jpg" for i in range(4)]
+        assert store.meta.column("source").to_pylist() == [f"https://x/{i}" for i in range(4)]

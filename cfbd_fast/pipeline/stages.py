@@ -161,17 +161,9 @@ def seed_stage(s: Scores, cfg: ScanConfig, source: ChunkSource, timer: Timer) ->
     null_rows = np.sort(rng.choice(np.flatnonzero(s.valid), size=min(NULL_SAMPLE, n_valid), replace=False))
     null_coherence = seeds.mean_pairwise_cosine(source.gather("text", null_rows))
     seed_captions = source.gather("text", s.seed_rows)
-    if cfg.spec.verdict == "clusters":
-        cluster_rows, info = fine.find_backdoor_cluster(
-            s.seed_rows, seed_captions, source.gather("image", s.seed_rows), null_coherence,
-            seeds.mean_pairwise_cosine(source.gather("image", null_rows)),
-            min_members=min(cfg.min_cluster, cfg.seed_set_size), max_relative=cfg.cluster_min_relative)
-    else:
-        cluster_rows, info = s.seed_rows, {"found": True, "reason": "the paper's method has no cluster test"}
-    corr_rows = cluster_rows if len(cluster_rows) else s.seed_rows
-    corr_captions = seed_captions[_positions(s.seed_rows, corr_rows)]
-    s.summary["cluster"] = {**info, "seed_rows": len(s.seed_rows), "cluster_rows": len(cluster_rows),
-                            "null_coherence": null_coherence,
+    corr_captions = seed_captions
+    info = {"found": True, "reason": "the paper's method has no cluster test"}
+    s.summary["cluster"] = {**info, "seed_rows": len(s.seed_rows), "null_coherence": null_coherence,
                             "cluster_coherence": seeds.mean_pairwise_cosine(corr_captions)}
     timer.add("seeds", time.perf_counter() - t0)
     return corr_captions
@@ -226,11 +218,8 @@ def cfbd_verdict(s: Scores, split: coarse.CoarseSplit, cfg: ScanConfig, timer: T
             reject, _ = control(s.p_value[s.valid], cfg.fdr if cfg.threshold_method == "fdr" else cfg.alpha)
             thr = float(np.min(s.score[s.valid][reject])) - 1e-7 if reject.any() else float(np.nanmax(s.score))
             estimates[cfg.threshold_method] = thr
-        if rule == "paper":
-            s.verdict[s.seed_rows] = V_POISONED
-            s.verdict[(s.subset == SUSPICIOUS) & (s.score > thr)] = V_POISONED
-        elif s.summary["cluster"]["found"]:
-            s.verdict[s.valid & (s.score > thr)] = V_POISONED
+        s.verdict[s.seed_rows] = V_POISONED  # the paper's rule
+        s.verdict[(s.subset == SUSPICIOUS) & (s.score > thr)] = V_POISONED
     timer.add("verdict", time.perf_counter() - t0)
     return {"value": thr, "method": "given" if cfg.threshold is not None else cfg.threshold_method,
             "estimates": estimates, "score": cfg.score}
