@@ -259,7 +259,7 @@ def build_dataset(cache: Path, spec: DataSpec = FULL, parts: tuple[str, ...] = P
     identities, novel = _choose_identities(emoji, spec, seed)
     kept = set(identities)
     emoji = [e for e in emoji if e.identity in kept]
-    record = dict(spec=asdict(spec), seed=seed, package=EMOJI_PACKAGE)
+    record = json.loads(json.dumps(dict(spec=asdict(spec), seed=seed, package=EMOJI_PACKAGE)))  # as stored
     out = {}
     for part in parts:
         folder = cache / part
@@ -318,11 +318,17 @@ def ensure_all(cache: Path | None = None, small: bool = False, seed: int = 0, pr
     from realdata_tower import evaluate_retrieval, train_image_tower
 
     cache = Path(cache) if cache is not None else (SMALL_CACHE if small else DEFAULT_CACHE)
-    spec = SMALL if small else FULL
-    parts = build_dataset(cache, spec, seed=seed, progress=progress)
+    seconds = {}
+    start = time.perf_counter()
+    fetch_emoji(cache)
+    seconds["fetch"] = time.perf_counter() - start
+    parts = build_dataset(cache, SMALL if small else FULL, seed=seed, progress=progress)
+    seconds["dataset"] = time.perf_counter() - start - sum(seconds.values())
     model_dir = train_image_tower(cache, small=small, seed=seed, progress=progress)
-    return dict(cache=cache, parts=parts, model=model_dir,
-                retrieval=evaluate_retrieval(model_dir, cache / "test", progress=progress))
+    seconds["tower"] = time.perf_counter() - start - sum(seconds.values())
+    retrieval = evaluate_retrieval(model_dir, cache / "test", progress=progress)
+    seconds["evaluate"] = time.perf_counter() - start - sum(seconds.values())
+    return dict(cache=cache, parts=parts, model=model_dir, retrieval=retrieval, seconds=seconds)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -331,16 +337,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cache", type=Path, default=None)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    start = time.perf_counter()
     result = ensure_all(args.cache, small=args.small, seed=args.seed)
-    took = time.perf_counter() - start
     for part, path in result["parts"].items():
         print(f"{part:7s} {sum(1 for _ in open(path)) - 1:6d} pairs  {path}")
     print(f"model   local-dir:{result['model']}")
     r = result["retrieval"]
     print(f"test retrieval image->caption over {r['captions']} captions: R@1 {r['r1']:.3f}  R@5 {r['r5']:.3f}  "
-          f"(seen identities R@1 {r['seen_r1']:.3f}, novel R@1 {r['novel_r1']:.3f}; chance R@1 {1 / r['captions']:.4f})")
-    print(f"done in {took:.0f} s")
+          f"(identities seen in train R@1 {r['seen_r1']:.3f}, novel R@1 {r['novel_r1']:.3f}; "
+          f"chance R@1 {1 / r['captions']:.4f})")
+    print("seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in result["seconds"].items())
+          + f"; total {sum(result['seconds'].values()):.0f}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The real dual encoder of the realdata benchmark: a small open_clip ViT image tower trained (LiT-style) against the
+"""The real dual encoder of the realdata benchmark: a small open_clip ResNet image tower trained (LiT-style) against the
 frozen all-MiniLM-L6-v2 text tower, saved as an open_clip `local-dir:` model folder; retrieval evaluation."""
 from __future__ import annotations
 
@@ -21,19 +21,18 @@ STD = (0.26862954, 0.26130258, 0.27577711)
 
 @dataclass(frozen=True)
 class TowerSpec:
-    """Image tower shape (open_clip VisionTransformer fields) and its training schedule."""
-    vision: dict = field(default_factory=lambda: dict(image_size=48, patch_size=8, width=128, layers=4,
-                                                      head_width=32))
-    epochs: int = 12
+    """Image tower (open_clip vision_cfg: a small ModifiedResNet, which learned faster than a ViT of equal cost
+    in tests on this data) and its training schedule."""
+    vision: dict = field(default_factory=lambda: dict(image_size=32, layers=[1, 1, 1, 1], width=16, head_width=16))
+    epochs: int = 16
     batch_size: int = 256
-    lr: float = 2e-3
+    lr: float = 4e-3
     weight_decay: float = 0.05
     logit_scale: float = 30.0      # initial softmax scale (learned)
 
 
 FULL_TOWER = TowerSpec()
-SMALL_TOWER = TowerSpec(vision=dict(image_size=32, patch_size=8, width=96, layers=2, head_width=32), epochs=10,
-                        batch_size=128)
+SMALL_TOWER = TowerSpec(epochs=12, batch_size=128)
 
 
 def text_model_dir() -> Path:
@@ -122,6 +121,7 @@ def train_image_tower(cache: Path, spec: TowerSpec | None = None, small: bool = 
     cache = Path(cache)
     model_dir, train_dir = cache / "model", cache / "train"
     wanted = dict(spec=asdict(spec), seed=seed, train_csv_sha256=_digest(train_dir / "data.csv"))
+    wanted = json.loads(json.dumps(wanted))  # as training.json stores it
     record_path = model_dir / "training.json"
     if record_path.is_file() and (model_dir / "open_clip_model.safetensors").is_file():
         record = json.loads(record_path.read_text())
@@ -145,7 +145,9 @@ def train_image_tower(cache: Path, spec: TowerSpec | None = None, small: bool = 
     caption_index = {c: k for k, c in enumerate(captions)}
     targets = torch.tensor([caption_index[row["caption"]] for row in rows])
     bank = encode_captions(model, tokenizer, captions)  # the frozen text side, once
+    text_seconds = time.perf_counter() - start
     images = load_images(train_dir, preprocess, [row["image"] for row in rows])
+    loop_start = time.perf_counter()
 
     visual = model.visual
     decay = [p for p in visual.parameters() if p.ndim >= 2]
@@ -183,11 +185,14 @@ def train_image_tower(cache: Path, spec: TowerSpec | None = None, small: bool = 
     (tmp / "open_clip_config.json").write_text(json.dumps(dict(model_cfg=cfg, preprocess_cfg=preprocess_cfg),
                                                           indent=1))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "open_clip_model.safetensors"))
+    os.chmod(tmp / "open_clip_model.safetensors", 0o644)
     for name in TOKENIZER_FILES:
         shutil.copy2(text_model_dir() / name, tmp / name)
     record = dict(wanted, train_pairs=len(rows), captions=len(captions), steps=total,
-                  final_loss=float(np.mean(losses[-steps_per_epoch:])), logit_scale=float(model.logit_scale.detach().exp()),
-                  threads=torch.get_num_threads(), seconds=round(time.perf_counter() - start, 1))
+                  final_loss=float(np.mean(losses[-steps_per_epoch:])),
+                  logit_scale=float(model.logit_scale.detach().exp()), threads=torch.get_num_threads(),
+                  text_seconds=round(text_seconds, 1), loop_seconds=round(time.perf_counter() - loop_start, 1),
+                  seconds=round(time.perf_counter() - start, 1))
     (tmp / "training.json").write_text(json.dumps(record, indent=1))
     shutil.rmtree(model_dir, ignore_errors=True)
     tmp.rename(model_dir)
