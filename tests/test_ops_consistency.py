@@ -184,3 +184,33 @@ def test_forced_cpu_rejects_other_devices(monkeypatch):
     x = torch.randn(4, 8, device="meta")
     with pytest.raises(CfbdError, match=r"\.cpu\(\)"):
         ops.consistency(x, x, x)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cpu_path_is_the_same_on_any_thread_count(dtype, monkeypatch):
+    # Each row is summed by one kernel call whatever the blocks: 1 and 3 threads (several blocks each) agree bitwise.
+    monkeypatch.setenv("CFBD_FAST_IMPL", "cpu")
+    inputs = _inputs(20_000, 96, dtype, seed=12)
+    inputs[1][7] = 0
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops.consistency(*inputs)
+        torch.set_num_threads(3)
+        three = ops.consistency(*inputs)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(one, three):
+        assert torch.equal(a.isnan(), b.isnan()) and a.isnan().sum() == 1
+        assert torch.equal(a.nan_to_num(), b.nan_to_num())
+
+
+def test_cpu_path_without_hardware_half_conversion(monkeypatch):
+    # Where the CPU cannot convert float16 (no F16C), blocks are widened by torch first: same values.
+    monkeypatch.setenv("CFBD_FAST_IMPL", "cpu")
+    inputs = _inputs(3000, 200, torch.float16, seed=13)
+    native = ops.consistency(*inputs)
+    monkeypatch.setattr(ops._common, "NATIVE_HALF", False)
+    widened = ops.consistency(*inputs)
+    for a, b in zip(native, widened):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-7)

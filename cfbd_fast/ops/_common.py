@@ -1,8 +1,10 @@
-"""Shared by the op files: input conversion and checks, the choice of implementation, the Triton row-tile helpers
-and the CPU path's row blocks."""
+"""Shared by the op files: input conversion and checks, the choice of implementation, the Triton row-tile helpers,
+and the CPU path: its numba row-sum kernel (the CPU twin of `tile_sums`) and its row blocks over threads."""
 from __future__ import annotations
 
+import math
 import os
+import platform
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -12,6 +14,9 @@ import numpy as np
 import torch
 import triton
 import triton.language as tl
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic, overload
 
 from ..errors import CfbdError, InputError
 
@@ -165,15 +170,116 @@ def tile_valid(sumsq):
     return (sumsq > 0) & (sumsq < float("inf"))
 
 
-# -- CPU path: row blocks of a few MiB, one block per thread ---------------------------------------------------------
+# -- CPU path: a fused numba kernel over row blocks, one block per thread -------------------------------------------
 _THREADS_LOCK = threading.Lock()  # one call at a time changes torch's thread count
+# Reassociation lets LLVM vectorise the sums (8 float32 lanes); NaN and inf still propagate into them.
+_FAST = {"reassoc", "contract"}
+
+
+def _native_half_conversion() -> bool:
+    """Whether numba's target converts float16 in hardware (x86 F16C; every aarch64). Without it LLVM lowers the
+    conversion to a helper call that numba does not link (the process would crash), so float16 blocks are then
+    widened by torch first."""
+    import llvmlite.binding as llvm
+    from numba.core import config
+
+    if platform.machine().lower() in ("aarch64", "arm64"):
+        return True
+    if config.CPU_NAME:  # a target chosen by the user (NUMBA_CPU_NAME): only its listed features count
+        return "+f16c" in (config.CPU_FEATURES or "")
+    return "+f16c" in llvm.get_host_cpu_features().flatten()
+
+
+NATIVE_HALF = _native_half_conversion()
+
+
+@intrinsic
+def _half_bits_to_float32(typingctx, bits):
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+    return types.float32(types.uint16), codegen
+
+
+@intrinsic
+def _bfloat16_bits_to_float32(typingctx, bits):
+    def codegen(context, builder, signature, args):
+        wide = builder.shl(builder.zext(args[0], ir.IntType(32)), ir.Constant(ir.IntType(32), 16))
+        return builder.bitcast(wide, ir.FloatType())
+    return types.float32(types.int16), codegen
+
+
+def _widen(value):
+    """An element as float32: float32 as is, float16 bits (uint16) and bfloat16 bits (int16) converted exactly."""
+
+
+@overload(_widen, inline="always")
+def _widen_overload(value):
+    if value == types.float32:
+        return lambda value: value
+    if value == types.uint16:
+        return lambda value: _half_bits_to_float32(value)
+    if value == types.int16:
+        return lambda value: _bfloat16_bits_to_float32(value)
+    return None
+
+
+@njit(nogil=True, cache=True, fastmath=_FAST)
+def row_sums(x, y, w, v, out):
+    """The CPU twin of `tile_sums`: one pass over each row, float32 accumulators; writes x.x, y.y, w.w, x.y, x.w
+    into rows 0-4 of `out` (5, N).
+
+    `x`, `y`, `w` are (N, D) arrays (see `numba_rows`), `v` a float32 (D,) vector dotted with every row of x (into
+    row 3, in place of x.y); pass None for what is not wanted (numba prunes those branches) and leave those rows of
+    `out` unread.
+    """
+    for r in range(x.shape[0]):
+        xx = yy = ww = xy = xw = np.float32(0.0)
+        for j in range(x.shape[1]):
+            a = _widen(x[r, j])
+            xx += a * a
+            if y is not None:
+                b = _widen(y[r, j])
+                yy += b * b
+                xy += a * b
+            if v is not None:
+                xy += a * v[j]
+            if w is not None:
+                c = _widen(w[r, j])
+                ww += c * c
+                xw += a * c
+        out[0, r] = xx
+        out[1, r] = yy
+        out[2, r] = ww
+        out[3, r] = xy
+        out[4, r] = xw
+
+
+def numba_rows(block: torch.Tensor) -> np.ndarray:
+    """A CPU block as the numpy array `row_sums` reads: float32 as is, float16 as its bits in uint16 (widened to
+    float32 by torch first where the CPU has no half conversion), bfloat16 as its bits in int16. No copy otherwise."""
+    block = block.detach()
+    if block.dtype == torch.float16:
+        return block.view(torch.int16).numpy().view(np.uint16) if NATIVE_HALF else block.float().numpy()
+    if block.dtype == torch.bfloat16:
+        return block.view(torch.int16).numpy()
+    return block.numpy()
+
+
+def kernel_block_rows(n_rows: int) -> int:
+    """Rows per call of `row_sums`: four blocks per thread (even load on a shared machine), at least 1024 rows per
+    call (a call costs ~10 us); one call for everything on one thread."""
+    threads = torch.get_num_threads()
+    if threads == 1:
+        return max(1, n_rows)
+    return max(1024, math.ceil(n_rows / (4 * threads)))
 
 
 def block_rows(dim: int, matrices: int = 1) -> int:
-    """Rows per CPU block: about 3 MiB of float32 per block of all matrices, a multiple of 16 and at least 16 rows.
+    """Rows per block of the CPU paths that run torch ops per block (seed max/top-k): about 3 MiB of float32 per
+    block of all matrices, a multiple of 16 and at least 16 rows.
 
-    Measured on 1M x 512 fp16 consistency (2 cores): 1.5 MiB blocks 1.07 s, 3 MiB 0.61 s, 12 MiB 0.63 s;
-    below 3 MiB the per-op overhead of torch dominates, above it the block no longer stays in cache.
+    Measured on 1M x 512 fp16 consistency with torch ops (2 cores): 1.5 MiB blocks 1.07 s, 3 MiB 0.61 s, 12 MiB
+    0.63 s; below 3 MiB the per-op overhead of torch dominates, above it the block no longer stays in cache.
     """
     return max(16, (3 << 20) // (4 * dim * matrices) // 16 * 16)
 
@@ -181,9 +287,9 @@ def block_rows(dim: int, matrices: int = 1) -> int:
 def run_blocks(n_rows: int, step: int, work: Callable[[slice], None]) -> None:
     """Call `work(rows)` on every block of `step` rows, spread over torch.get_num_threads() threads.
 
-    Each worker runs single-threaded torch ops on whole blocks: no thread barrier per op, which keeps the path fast
-    on a loaded machine. torch's intra-op thread count is 1 during the call (restored after) and the workers number
-    what it was, so `torch.set_num_threads` still bounds the threads used.
+    Each worker runs a numba kernel (GIL released) or single-threaded torch ops on whole blocks: no thread barrier
+    per op, which keeps the path fast on a loaded machine. torch's intra-op thread count is 1 during the call
+    (restored after) and the workers number what it was, so `torch.set_num_threads` still bounds the threads used.
     """
     blocks = [slice(start, start + step) for start in range(0, n_rows, step)]
     with _THREADS_LOCK:

@@ -6,8 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (NAN, block_rows, check_triton_inputs, run_blocks, streaming_config, tile_rows, tile_sums,
-                      tile_valid, valid_sumsq)
+from ._common import (NAN, check_triton_inputs, kernel_block_rows, numba_rows, row_sums, run_blocks,
+                      streaming_config, tile_rows, tile_sums, tile_valid, valid_sumsq)
 from .invalid_rows import invalid_rows_ref
 
 
@@ -45,22 +45,24 @@ def consistency_triton(image: torch.Tensor, text: torch.Tensor, generated: torch
 
 
 def consistency_cpu(image: torch.Tensor, text: torch.Tensor, generated: torch.Tensor):
-    """(c, s_o, s_g) float32 for CPU tensors of any supported dtype and strides; one block in float32 at a time."""
-    n_rows, dim = image.shape
+    """(c, s_o, s_g) float32 for CPU tensors of any supported dtype and strides: the Triton kernel's arithmetic, one
+    pass over each block of rows by the numba `row_sums` kernel."""
+    n_rows = image.shape[0]
+    sums = torch.empty(5, n_rows, dtype=torch.float32)
     c, s_o, s_g = (torch.empty(n_rows, dtype=torch.float32) for _ in range(3))
 
     def work(rows: slice) -> None:
-        i, t, g = image[rows].float(), text[rows].float(), generated[rows].float()
-        ii, tt, gg = torch.linalg.vecdot(i, i), torch.linalg.vecdot(t, t), torch.linalg.vecdot(g, g)
-        norm_i = ii.sqrt_()
-        cos_o = torch.linalg.vecdot(i, t).div_(norm_i).div_(tt.sqrt()).clamp_min_(0)
-        cos_g = torch.linalg.vecdot(i, g).div_(norm_i).div_(gg.sqrt()).clamp_min_(0)
+        row_sums(numba_rows(image[rows]), numba_rows(text[rows]), numba_rows(generated[rows]), None,
+                 sums[:, rows].numpy())
+        ii, tt, gg, it, ig = sums[:, rows]
         invalid = ~(valid_sumsq(ii) & valid_sumsq(tt) & valid_sumsq(gg))
-        s_o[rows] = cos_o.masked_fill_(invalid, NAN)
-        s_g[rows] = cos_g.masked_fill_(invalid, NAN)
+        norm_i = ii.sqrt()
+        cos_o = it.div(norm_i).div_(tt.sqrt()).clamp_min_(0).masked_fill_(invalid, NAN)
+        cos_g = ig.div(norm_i).div_(gg.sqrt()).clamp_min_(0).masked_fill_(invalid, NAN)
+        s_o[rows], s_g[rows] = cos_o, cos_g
         torch.sub(cos_g, cos_o, out=c[rows]).abs_()
 
-    run_blocks(n_rows, block_rows(dim, 3), work)
+    run_blocks(n_rows, kernel_block_rows(n_rows), work)
     return c, s_o, s_g
 
 

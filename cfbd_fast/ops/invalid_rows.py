@@ -5,8 +5,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (block_rows, check_triton_inputs, run_blocks, streaming_config, tile_rows, tile_sums, tile_valid,
-                      valid_sumsq)
+from ._common import (check_triton_inputs, kernel_block_rows, numba_rows, row_sums, run_blocks, streaming_config,
+                      tile_rows, tile_sums, tile_valid, valid_sumsq)
 
 
 @triton.jit
@@ -31,15 +31,14 @@ def invalid_rows_triton(x: torch.Tensor) -> torch.Tensor:
 
 def invalid_rows_cpu(x: torch.Tensor) -> torch.Tensor:
     """True where a row's float32 squared norm is zero or not finite (a zero row, or one holding NaN/inf)."""
-    n_rows, dim = x.shape
-    invalid = torch.empty(n_rows, dtype=torch.bool)
+    n_rows = x.shape[0]
+    sums = torch.empty(5, n_rows, dtype=torch.float32)
 
     def work(rows: slice) -> None:
-        block = x[rows].float()
-        invalid[rows] = ~valid_sumsq(torch.linalg.vecdot(block, block))
+        row_sums(numba_rows(x[rows]), None, None, None, sums[:, rows].numpy())
 
-    run_blocks(n_rows, block_rows(dim), work)
-    return invalid
+    run_blocks(n_rows, kernel_block_rows(n_rows), work)
+    return ~valid_sumsq(sums[0])
 
 
 def invalid_rows_ref(x: torch.Tensor) -> torch.Tensor:

@@ -7,8 +7,8 @@ import triton
 import triton.language as tl
 
 from ..errors import InputError
-from ._common import (NAN, block_rows, check_triton_inputs, kernel_interpreted, run_blocks, streaming_config,
-                      tile_rows, tile_sums, tile_valid, valid_sumsq)
+from ._common import (NAN, block_rows, check_triton_inputs, kernel_block_rows, kernel_interpreted, numba_rows,
+                      row_sums, run_blocks, streaming_config, tile_rows, tile_sums, tile_valid, valid_sumsq)
 from .invalid_rows import invalid_rows_ref
 
 REDUCTIONS = ("mean", "max", "topk")
@@ -141,21 +141,29 @@ def tiled_config(n_seeds: int, topk: int, take_max: bool, dot_in_fp32: bool = Fa
 
 def seed_correlation_cpu(text: torch.Tensor, seeds: torch.Tensor, reduce: str = "mean",
                          topk: int | None = None) -> torch.Tensor:
-    """z float32 (N,): mean through the mean unit seed; max/top-k through a (block, q) float32 matmul per block."""
+    """z float32 (N,): mean through the mean unit seed, one numba `row_sums` pass; max/top-k through a (block, q)
+    float32 matmul per block."""
     n_rows, dim = text.shape
     z = torch.empty(n_rows, dtype=torch.float32)
-    mean_seed = mean_unit_seed(seeds) if reduce == "mean" else None
+    if reduce == "mean":
+        mean_seed = mean_unit_seed(seeds).numpy()
+        sums = torch.empty(5, n_rows, dtype=torch.float32)
+
+        def work(rows: slice) -> None:
+            row_sums(numba_rows(text[rows]), None, None, mean_seed, sums[:, rows].numpy())
+            sumsq, dot = sums[0, rows], sums[3, rows]
+            z[rows] = dot.div(sumsq.sqrt()).masked_fill_(~valid_sumsq(sumsq), NAN)
+
+        run_blocks(n_rows, kernel_block_rows(n_rows), work)
+        return z
     seeds_t = seeds.float().T.contiguous()
     inv_norm = inverse_seed_norms(seeds)
 
     def work(rows: slice) -> None:
         t = text[rows].float()
         sumsq = torch.linalg.vecdot(t, t)
-        if reduce == "mean":
-            total = t @ mean_seed
-        else:
-            scores = (t @ seeds_t).mul_(inv_norm)
-            total = scores.amax(dim=1) if reduce == "max" else scores.topk(topk, dim=1).values.mean(dim=1)
+        scores = (t @ seeds_t).mul_(inv_norm)
+        total = scores.amax(dim=1) if reduce == "max" else scores.topk(topk, dim=1).values.mean(dim=1)
         z[rows] = total.div_(sumsq.sqrt()).masked_fill_(~valid_sumsq(sumsq), NAN)
 
     run_blocks(n_rows, block_rows(dim), work)
