@@ -34,7 +34,7 @@ realdata: build
 bench: build
 	$(BIN)/python benchmarks/bench_store.py
 	$(BIN)/python benchmarks/bench_consistency.py
-	$(BIN)/python benchmarks/bench_correlation.py
+	$(BIN)/python benchmarks/bench_seed_correlation.py
 	$(BIN)/python benchmarks/bench_gmm.py
 	$(BIN)/python benchmarks/bench_scan.py
 
@@ -49,7 +49,7 @@ gpu-bench:
 	$(GPU_ENV) python3 -m pip install --no-deps --no-build-isolation -e .
 	$(GPU_ENV) python3 -m pytest -m gpu -q
 	$(GPU_ENV) python3 benchmarks/bench_consistency.py --device cuda
-	$(GPU_ENV) python3 benchmarks/bench_correlation.py --device cuda
+	$(GPU_ENV) python3 benchmarks/bench_seed_correlation.py --device cuda
 	$(GPU_ENV) python3 benchmarks/bench_scan.py --device cuda --dim 1024 --rows 3000000 --no-naive
 
 clean:
