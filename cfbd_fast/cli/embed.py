@@ -21,15 +21,18 @@ def embed(
                                             "local-dir:PATH (a folder with open_clip_config.json and weights).")],
     pretrained: Annotated[Optional[str], typer.Option(
         help="open_clip pretrained tag (e.g. openai; downloaded by open_clip), a local .pt/.safetensors "
-             "checkpoint, or none for seeded random weights [default: none]. Not used with local-dir:.")] = None,
+             "checkpoint, or none for seeded random weights. Not used with local-dir:.", show_default="none")] = None,
     image_column: Annotated[str, typer.Option(help="CSV/TSV column with image paths.")] = "image",
     caption_column: Annotated[str, typer.Option(help="CSV/TSV (or img2dataset parquet) caption column.")] = "caption",
     batch_size: Annotated[int, typer.Option(help="Images per model batch.")] = 128,
     workers: Annotated[Optional[int], typer.Option(
-        help="DataLoader worker processes that decode and preprocess [default: available cores - 1].")] = None,
-    device: Annotated[Optional[Device], typer.Option(help="Where the model runs [default: cuda if available].")] = None,
+        help="DataLoader worker processes that decode and preprocess.",
+        show_default="available cores - 1")] = None,
+    device: Annotated[Optional[Device], typer.Option(help="Where the model runs.",
+                                                     show_default="cuda if available")] = None,
     gpu_decode: Annotated[Optional[bool], typer.Option(
-        "--gpu-decode/--cpu-decode", help="Decode JPEGs with nvJPEG on the GPU [default: on with --device cuda].")] = None,
+        "--gpu-decode/--cpu-decode", help="Decode JPEGs with nvJPEG on the GPU.",
+        show_default="on with --device cuda")] = None,
     dtype: Annotated[DTypeName, typer.Option(help="Store dtype.")] = DTypeName.float16,
     commit_rows: Annotated[int, typer.Option(
         help="Inputs per commit: a killed run loses at most this many and resumes after the last commit.")] = 4096,
