@@ -10,7 +10,6 @@ Usage: python benchmarks/bench_embed.py [--images 256] [--models cfbd-tiny ViT-B
 from __future__ import annotations
 
 import argparse
-import io
 import shutil
 import tempfile
 import time

@@ -402,6 +402,37 @@ def test_gpu_preprocessing_matches_open_clip_transform():
     assert all(isinstance(e, DecodeError) for e in out[4:])
 
 
+def test_gpu_path_batch_keeps_input_order_and_skips(tmp_path):
+    """The GPU path's batch assembly (whole JPEGs to the device decoder, the rest decoded by workers), run on
+    CPU tensors: same rows in the same order as the all-CPU path, unusable files skipped the same way."""
+    from collections import Counter
+
+    from cfbd_fast.embed import load_model
+    from cfbd_fast.embed.decode import CpuPreprocess, GpuPreprocess
+    from cfbd_fast.embed.runner import _assemble, _BatchDecoder, _Task
+    from cfbd_fast.embed.sources import Sample
+
+    loaded = load_model(TINY_MODEL, None, "cpu")
+    jpeg = _encoded(1, "JPEG")
+    files = {"a.png": _encoded(0, "PNG"), "b.jpg": jpeg, "c.jpg": jpeg[: len(jpeg) // 2], "d.jpg": _encoded(2, "JPEG"),
+             "e.jpg": b"\xff\xd8\xff not a jpeg \xff\xd9"}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    task = _Task([Sample(n, n, f"caption {n}", image_path=str(tmp_path / n)) for n in files], commit=None)
+    cpu_preprocess = CpuPreprocess(loaded.preprocess)
+    gpu_path = GpuPreprocess(loaded.preprocess_cfg, "cpu", loaded.preprocess)
+    results = {}
+    for keep_jpeg in (False, True):
+        result = _BatchDecoder(cpu_preprocess, loaded.tokenizer, keep_jpeg)[task]
+        pixels, rows, skips = _assemble(result, cpu_preprocess, gpu_path if keep_jpeg else None, "cpu", Counter())
+        results[keep_jpeg] = pixels, [result["kept"][i][0] for i in rows], sorted((k, r) for k, _, r, _ in skips)
+    assert results[True][0].shape == results[False][0].shape == (3, 3, 64, 64)
+    assert results[True][1] == results[False][1] == ["a.png", "b.jpg", "d.jpg"]
+    assert results[True][2] == results[False][2] == [("c.jpg", "corrupt image"), ("e.jpg", "not an image")]
+    step = 1 / 255 / min(loaded.preprocess_cfg["std"])
+    assert float((results[True][0] - results[False][0]).abs().max()) <= 1.01 * step
+
+
 @pytest.mark.gpu
 def test_gpu_decode_matches_cpu_decode(tmp_path):
     csv = _write_csv_dataset(tmp_path / "data", 24)

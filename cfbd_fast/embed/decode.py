@@ -22,8 +22,10 @@ class DecodeError(Exception):
         self.detail = detail
 
 
-def is_jpeg(data: bytes) -> bool:
-    return data[:3] == b"\xff\xd8\xff"
+def is_whole_jpeg(data: bytes) -> bool:
+    """A JPEG that ends with its end-of-image marker: what goes to the GPU decoder. A truncated file (or one
+    with trailing bytes) goes to PIL instead, which reports truncation rather than decoding a grey remainder."""
+    return data[:3] == b"\xff\xd8\xff" and data.rstrip(b"\0")[-2:] == b"\xff\xd9"
 
 
 def read_image_file(path: str) -> bytes:

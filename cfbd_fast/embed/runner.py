@@ -23,7 +23,7 @@ from ..errors import InputError
 from ..progress import progress_bar
 from ..store import COMMIT_RECORD, EmbeddingStore, dtype_name
 from ..threads import available_cores, default_threads
-from .decode import CpuPreprocess, DecodeError, GpuPreprocess, is_jpeg, read_image_file
+from .decode import CpuPreprocess, DecodeError, GpuPreprocess, is_whole_jpeg, read_image_file
 from .models import LoadedModel, describe, load_model, model_identity, same_model
 from .sources import Sample, Source, open_source
 
@@ -113,7 +113,7 @@ class _BatchDecoder(torch.utils.data.Dataset):
                 continue
             try:
                 data = sample.image_bytes if sample.image_bytes is not None else read_image_file(sample.image_path)
-                if self.keep_jpeg and is_jpeg(data):
+                if self.keep_jpeg and is_whole_jpeg(data):
                     encoded.append(torch.frombuffer(bytearray(data), dtype=torch.uint8))
                     on_gpu.append(True)
                 else:
