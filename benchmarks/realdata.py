@@ -25,8 +25,10 @@ import sys
 import tarfile
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from PIL import Image, ImageEnhance
@@ -75,7 +77,7 @@ class DataSpec:
 
 
 FULL = DataSpec(train=12000, mapper=4000, scan=10000)
-SMALL = DataSpec(train=1500, mapper=300, scan=600, identities=120, scan_groups=4, group_size=(5, 10),
+SMALL = DataSpec(train=1000, mapper=300, scan=600, identities=120, scan_groups=4, group_size=(5, 10),
                  banana_pairs=6)
 
 
@@ -97,21 +99,38 @@ def fetch_emoji(cache: Path) -> Path:
     if shutil.which("npm") is None:
         raise RuntimeError("npm not found: install Node.js and npm (e.g. apt-get install npm) to fetch the emoji")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-        done = subprocess.run(["npm", "pack", EMOJI_PACKAGE, "--pack-destination", tmp],
+    with tempfile.TemporaryDirectory(dir=dest.parent) as download, staging(dest) as out:
+        done = subprocess.run(["npm", "pack", EMOJI_PACKAGE, "--pack-destination", download],
                               capture_output=True, text=True)
-        tarballs = list(Path(tmp).glob("*.tgz"))
+        tarballs = list(Path(download).glob("*.tgz"))
         if done.returncode != 0 or not tarballs:
             raise RuntimeError(f"npm pack {EMOJI_PACKAGE} failed: {done.stderr.strip()[-500:]}")
-        out = Path(tmp) / "emoji"
         with tarfile.open(tarballs[0]) as tar:
             wanted = [m for m in tar.getmembers() if m.isfile() and (
                 m.name in ("package/emoji.json", "package/LICENSE") or m.name.startswith("package/img/twitter/64/"))]
             for member in wanted:
                 member.name = member.name[len("package/"):]
             tar.extractall(out, members=wanted, filter="data")
-        out.rename(dest)
     return dest
+
+
+@contextmanager
+def staging(dest: Path) -> Iterator[Path]:
+    """A fresh temporary folder beside `dest`, moved into place as `dest` on success and removed on failure
+    (nothing half-written is ever at `dest`; concurrent builders each write their own)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", suffix=".tmp", dir=dest.parent))
+    tmp.chmod(0o755)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(dest, ignore_errors=True)
+    try:
+        tmp.rename(dest)
+    except OSError:  # another process published `dest` in the meantime: keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _words(short_name: str) -> str | None:
@@ -267,23 +286,20 @@ def build_dataset(cache: Path, spec: DataSpec = FULL, parts: tuple[str, ...] = P
             out[part] = folder / "data.csv"
             continue
         rows = _plan_part(part, emoji, novel, spec, seed)
-        tmp = cache / f".{part}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / "images").mkdir(parents=True)
         distractors = [e for e in emoji if e.name != TARGET and (part != "train" or e.identity not in novel)]
-        with progress_bar(f"rendering {part}", len(rows), enabled=progress, unit="images") as bar:
+        with staging(folder) as tmp, progress_bar(f"rendering {part}", len(rows), enabled=progress,
+                                                  unit="images") as bar:
+            (tmp / "images").mkdir()
             for k, row in enumerate(rows):
                 row["image"] = f"images/{k:06d}.jpg"
                 (tmp / row["image"]).write_bytes(render(row["emoji"], (seed, PARTS.index(part), k), distractors))
                 bar.advance()
-        _write_csv(tmp / "labels.csv", ["image", "caption", "emoji", "identity", "name", "category", "kind", "group",
-                                        "novel"],
-                   [[r["image"], r["caption"], r["emoji"].code, r["emoji"].identity, r["emoji"].name,
-                     r["emoji"].category, r["kind"], r["group"], int(r["emoji"].identity in novel)] for r in rows])
-        (tmp / "build.json").write_text(json.dumps(dict(record, part=part), indent=1))
-        _write_csv(tmp / "data.csv", ["image", "caption"], [[r["image"], r["caption"]] for r in rows])
-        shutil.rmtree(folder, ignore_errors=True)
-        tmp.rename(folder)
+            _write_csv(tmp / "labels.csv", ["image", "caption", "emoji", "identity", "name", "category", "kind",
+                                            "group", "novel"],
+                       [[r["image"], r["caption"], r["emoji"].code, r["emoji"].identity, r["emoji"].name,
+                         r["emoji"].category, r["kind"], r["group"], int(r["emoji"].identity in novel)] for r in rows])
+            (tmp / "build.json").write_text(json.dumps(dict(record, part=part), indent=1))
+            _write_csv(tmp / "data.csv", ["image", "caption"], [[r["image"], r["caption"]] for r in rows])
         out[part] = folder / "data.csv"
     return out
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from realdata import read_labels
+from realdata import read_labels, staging
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 MEAN = (0.48145466, 0.4578275, 0.40821073)  # open_clip's default (OpenAI) normalisation
@@ -32,7 +32,7 @@ class TowerSpec:
 
 
 FULL_TOWER = TowerSpec()
-SMALL_TOWER = TowerSpec(epochs=12, batch_size=128)
+SMALL_TOWER = TowerSpec(epochs=10, batch_size=128)
 
 
 def text_model_dir() -> Path:
@@ -62,33 +62,40 @@ def _quiet_transformers() -> None:
     transformers.logging.disable_progress_bar()
 
 
-def encode_captions(model, tokenizer, captions: list[str], batch_size: int = 256):
+def encode_captions(model, tokenizer, captions: list[str], batch_size: int = 256, progress: bool = False):
     """L2-normalised text embeddings; batches of similar length, trailing all-padding columns dropped (the HF
     tower masks padding, so the result equals encoding the full context)."""
     import torch
+
+    from cfbd_fast.progress import progress_bar
 
     ids = tokenizer(captions)
     lengths = (ids != 0).sum(1)
     order = torch.argsort(lengths, descending=True)
     out = torch.empty(len(captions), model.text.output_dim)
-    with torch.no_grad():
+    with torch.no_grad(), progress_bar("encoding captions", len(captions), enabled=progress, unit="captions") as bar:
         for start in range(0, len(captions), batch_size):
             rows = order[start:start + batch_size]
             width = int(lengths[rows].max())
             out[rows] = model.encode_text(ids[rows, :width], normalize=True).float()
+            bar.advance(len(rows))
     return out
 
 
-def load_images(part_dir: Path, preprocess, images: list[str] | None = None):
+def load_images(part_dir: Path, preprocess, images: list[str] | None = None, progress: bool = False):
     """A part's images through `preprocess`, stacked (float16 to keep the training set small in memory)."""
     import torch
     from PIL import Image
 
+    from cfbd_fast.progress import progress_bar
+
     images = images if images is not None else [row["image"] for row in read_labels(part_dir)]
     batch = torch.empty(len(images), *preprocess(Image.new("RGB", (8, 8))).shape, dtype=torch.float16)
-    for k, name in enumerate(images):
-        with Image.open(Path(part_dir) / name) as image:
-            batch[k] = preprocess(image)
+    with progress_bar(f"loading {Path(part_dir).name} images", len(images), enabled=progress, unit="images") as bar:
+        for k, name in enumerate(images):
+            with Image.open(Path(part_dir) / name) as image:
+                batch[k] = preprocess(image)
+            bar.advance()
     return batch
 
 
@@ -144,9 +151,9 @@ def train_image_tower(cache: Path, spec: TowerSpec | None = None, small: bool = 
     captions = sorted({row["caption"] for row in rows})
     caption_index = {c: k for k, c in enumerate(captions)}
     targets = torch.tensor([caption_index[row["caption"]] for row in rows])
-    bank = encode_captions(model, tokenizer, captions)  # the frozen text side, once
+    bank = encode_captions(model, tokenizer, captions, progress=progress)  # the frozen text side, once
     text_seconds = time.perf_counter() - start
-    images = load_images(train_dir, preprocess, [row["image"] for row in rows])
+    images = load_images(train_dir, preprocess, [row["image"] for row in rows], progress=progress)
     loop_start = time.perf_counter()
 
     visual = model.visual
@@ -177,25 +184,21 @@ def train_image_tower(cache: Path, spec: TowerSpec | None = None, small: bool = 
                 bar.advance()
     model.eval()
 
-    tmp = cache / ".model.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    preprocess_cfg = dict(size=spec.vision['image_size'], mode="RGB", mean=list(MEAN), std=list(STD),
-                          interpolation="bicubic", resize_mode="shortest")
-    (tmp / "open_clip_config.json").write_text(json.dumps(dict(model_cfg=cfg, preprocess_cfg=preprocess_cfg),
-                                                          indent=1))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "open_clip_model.safetensors"))
-    os.chmod(tmp / "open_clip_model.safetensors", 0o644)
-    for name in TOKENIZER_FILES:
-        shutil.copy2(text_model_dir() / name, tmp / name)
-    record = dict(wanted, train_pairs=len(rows), captions=len(captions), steps=total,
-                  final_loss=float(np.mean(losses[-steps_per_epoch:])),
-                  logit_scale=float(model.logit_scale.detach().exp()), threads=torch.get_num_threads(),
-                  text_seconds=round(text_seconds, 1), loop_seconds=round(time.perf_counter() - loop_start, 1),
-                  seconds=round(time.perf_counter() - start, 1))
-    (tmp / "training.json").write_text(json.dumps(record, indent=1))
-    shutil.rmtree(model_dir, ignore_errors=True)
-    tmp.rename(model_dir)
+    with staging(model_dir) as tmp:
+        preprocess_cfg = dict(size=spec.vision['image_size'], mode="RGB", mean=list(MEAN), std=list(STD),
+                              interpolation="bicubic", resize_mode="shortest")
+        (tmp / "open_clip_config.json").write_text(json.dumps(dict(model_cfg=cfg, preprocess_cfg=preprocess_cfg),
+                                                              indent=1))
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "open_clip_model.safetensors"))
+        os.chmod(tmp / "open_clip_model.safetensors", 0o644)
+        for name in TOKENIZER_FILES:
+            shutil.copy2(text_model_dir() / name, tmp / name)
+        record = dict(wanted, train_pairs=len(rows), captions=len(captions), steps=total,
+                      final_loss=float(np.mean(losses[-steps_per_epoch:])),
+                      logit_scale=float(model.logit_scale.detach().exp()), threads=torch.get_num_threads(),
+                      text_seconds=round(text_seconds, 1), loop_seconds=round(time.perf_counter() - loop_start, 1),
+                      seconds=round(time.perf_counter() - start, 1))
+        (tmp / "training.json").write_text(json.dumps(record, indent=1))
     return model_dir
 
 
@@ -213,8 +216,8 @@ def evaluate_retrieval(model_dir: Path, part_dir: Path, progress: bool = True) -
     rows = read_labels(part_dir)
     captions = sorted({row["caption"] for row in rows})
     truth = torch.tensor([captions.index(row["caption"]) for row in rows])
-    text = encode_captions(model, tokenizer, captions)
-    images = load_images(part_dir, preprocess, [row["image"] for row in rows])
+    text = encode_captions(model, tokenizer, captions, progress=progress)
+    images = load_images(part_dir, preprocess, [row["image"] for row in rows], progress=progress)
     with torch.no_grad():
         features = torch.cat([model.encode_image(x.float(), normalize=True) for x in images.split(256)])
     ranks = (features @ text.T > (features * text[truth]).sum(1, keepdim=True)).sum(1)
