@@ -4,7 +4,7 @@ import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from cfbd_fast.detect import baselines, clusters, coarse, fine, metrics, seeds, threshold
-from cfbd_fast.pipeline.stages import CLASSIC_ESTIMATORS
+from cfbd_fast.pipeline.paper import CLASSIC_ESTIMATORS
 
 
 # -- seeds ------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from cfbd_fast.errors import InputError, MapperMismatchError
 from cfbd_fast.mapper import KnnMapper, MLPMapper, fit_self_mapper, load_mapper, save_mapper, train_mapper
 from cfbd_fast.pipeline.options import ScanConfig
 from cfbd_fast.pipeline.source import ChunkSource
-from cfbd_fast.pipeline.stages import resolve_mapper
+from cfbd_fast.pipeline.mapping import resolve_mapper
 from cfbd_fast.store import EmbeddingStore
 
 SMALL = {"depth": 2, "hidden": 64, "batch_size": 256, "lr": 3e-3}

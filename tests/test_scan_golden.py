@@ -35,7 +35,7 @@ def test_scan_outputs_unchanged(store, recorded, case):
     result = scan(store, mapper or str(GOLDEN / "mapper.safetensors"), **options)
     assert result.summary["seeds"]["rows"] == summaries[case]["seeds"]
     # a self-fitted mapper trains anew here: its float sums may round differently with another thread count
-    tol = 2e-4 if case == "cfbd-self" else 1e-6
+    tol = 2e-4 if case == "cfbd-self" else 1e-5
     for field in record.FIELDS:
         got, want = np.asarray(getattr(result, field)), arrays[f"{case}/{field}"]
         if got.dtype.kind == "f":

@@ -121,7 +121,7 @@ def format_summary(summary: dict) -> str:
                      f"{c['reason']}")
     cluster = summary.get("cluster")
     if cluster is not None and not cluster["found"]:
-        lines.append(f"no backdoor cluster found; nothing flagged")
+        lines.append("no backdoor cluster found; nothing flagged")
     sub = counts["subset"]
     lines.append(f"coarse subsets  benign {sub['benign']:,}  seed {sub['seed']:,}  suspicious {sub['suspicious']:,}"
                  f"  invalid {sub['invalid']:,}")

@@ -133,11 +133,13 @@ def load_model(name: str, pretrained: str | None = None, device: str = "cpu") ->
     except InputError:
         raise
     except (RuntimeError, OSError, ValueError, KeyError) as exc:
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if not random_weights and "download" in message.lower():
+            raise InputError(f"cannot download the {pretrained} weights of {name} (no network?): run once with "
+                             "network access (open_clip caches them) or pass a local checkpoint with --pretrained "
+                             "PATH") from None
         source = name if name.startswith(LOCAL_DIR) else f"{name} with --pretrained {pretrained}"
-        hint = ("check the network, or pass a local checkpoint with --pretrained PATH"
-                if not random_weights and not Path(str(pretrained)).is_file() else "check that the weights match the model")
-        raise InputError(f"cannot load {source}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; "
-                         f"{hint}") from None
+        raise InputError(f"cannot load {source}: {message}; check that the weights belong to this model") from None
     model.eval()
     preprocess_cfg = dict(getattr(model.visual, "preprocess_cfg", {}) or {})
     return LoadedModel(model=model, preprocess=preprocess, tokenizer=tokenizer, preprocess_cfg=preprocess_cfg,
@@ -170,11 +172,17 @@ def _file_digest(path: Path, edge: int = 4 << 20) -> str:
 
 @contextmanager
 def _quiet_open_clip():
-    """open_clip logs routine notes (e.g. random initialisation) as root-logger warnings; we report our own."""
+    """open_clip logs routine notes (e.g. random initialisation) through the root logger, whose first use also
+    installs a stderr handler that repeats huggingface_hub's own messages; we report our own errors."""
     root = logging.getLogger()
     level = root.level
-    root.setLevel(logging.ERROR)
+    guard = logging.NullHandler() if not root.handlers else None  # keeps logging.warning() from configuring
+    if guard is not None:
+        root.addHandler(guard)
+    root.setLevel(logging.CRITICAL)
     try:
         yield
     finally:
         root.setLevel(level)
+        if guard is not None:
+            root.removeHandler(guard)

@@ -166,35 +166,36 @@ def embed(data: str | os.PathLike, out: str | os.PathLike, model: str, pretraine
 
     source = open_source(data, image_column=image_column, caption_column=caption_column)
     identity = model_identity(model, pretrained)
-    store, position, resumed = _open_store(Path(out), source, identity, dtype, overwrite, append)
-    with store:
-        threads = torch.get_num_threads()
-        if device == "cpu":
-            # The model gets the cores that the workers and other busy processes leave (spinning threads on busy
-            # cores make a CPU model many times slower). Outputs depend on batch composition, which the plan
-            # fixes, but not on the thread count (1 and 2 threads write identical bytes for cfbd-tiny and
-            # ViT-B-32), so a resumed run under another load still writes the same store.
-            torch.set_num_threads(max(1, default_threads() - workers))
-        try:
-            loaded = load_model(model, pretrained, device=device)
-            load_seconds = time.perf_counter() - started
-            gpu = device.startswith("cuda") and (gpu_decode is not False) and GpuPreprocess.supports(loaded.preprocess_cfg)
-            if gpu_decode and not gpu:
-                raise InputError("--gpu-decode needs a CUDA device and a model whose preprocessing resizes the "
-                                 "shortest side to a square (or squashes)")
+    action, position = _plan_out(Path(out), source, identity, dtype, overwrite, append)
+    threads = torch.get_num_threads()
+    if device == "cpu":
+        # The model gets the cores that the workers and other busy processes leave (spinning threads on busy
+        # cores make a CPU model many times slower). Outputs depend on batch composition, which the plan
+        # fixes, but not on the thread count (1 and 2 threads write identical bytes for cfbd-tiny and
+        # ViT-B-32), so a resumed run under another load still writes the same store.
+        torch.set_num_threads(max(1, default_threads() - workers))
+    try:
+        loaded = load_model(model, pretrained, device=device)
+        load_seconds = time.perf_counter() - started
+        gpu = device.startswith("cuda") and (gpu_decode is not False) and GpuPreprocess.supports(loaded.preprocess_cfg)
+        if gpu_decode and not gpu:
+            raise InputError("--gpu-decode needs a CUDA device and a model whose preprocessing resizes the "
+                             "shortest side to a square (or squashes)")
+        with _open_out(Path(out), action, source, identity, dtype) as store:
             counts = _run(store, source, loaded, position, batch_size, workers, commit_rows, gpu, progress)
-        finally:
-            torch.set_num_threads(threads)
-        loop_seconds = counts.pop("loop_s")
-        seconds = time.perf_counter() - started
-        return EmbedSummary(
-            store=str(out), model=identity["name"], pretrained=identity["pretrained"], dim=identity["dim"],
-            dtype=dtype, device=device, decode="gpu+cpu" if gpu else "cpu", workers=workers, batch_size=batch_size,
-            rows_written=counts["rows"], rows_total=len(store), inputs_read=counts["inputs"],
-            skipped=sum(counts["skipped"].values()), skipped_by_reason=dict(sorted(counts["skipped"].items())),
-            resumed=resumed, seconds=round(seconds, 3), load_seconds=round(load_seconds, 3),
-            samples_per_s=round(counts["inputs"] / loop_seconds, 1) if loop_seconds > 0 else 0.0,
-            timings={k: round(v, 3) for k, v in counts["timings"].items()} | {"loop_s": round(loop_seconds, 3)})
+            rows_total = len(store)
+    finally:
+        torch.set_num_threads(threads)
+    loop_seconds = counts.pop("loop_s")
+    seconds = time.perf_counter() - started
+    return EmbedSummary(
+        store=str(out), model=identity["name"], pretrained=identity["pretrained"], dim=identity["dim"],
+        dtype=dtype, device=device, decode="gpu+cpu" if gpu else "cpu", workers=workers, batch_size=batch_size,
+        rows_written=counts["rows"], rows_total=rows_total, inputs_read=counts["inputs"],
+        skipped=sum(counts["skipped"].values()), skipped_by_reason=dict(sorted(counts["skipped"].items())),
+        resumed=action == "resume", seconds=round(seconds, 3), load_seconds=round(load_seconds, 3),
+        samples_per_s=round(counts["inputs"] / loop_seconds, 1) if loop_seconds > 0 else 0.0,
+        timings={k: round(v, 3) for k, v in counts["timings"].items()} | {"loop_s": round(loop_seconds, 3)})
 
 
 def _run(store: EmbeddingStore, source: Source, loaded: LoadedModel, position: tuple[int, int], batch_size: int,
@@ -325,50 +326,55 @@ def _describe_input(identity: dict) -> str:
            f"fingerprint {str(identity.get('fingerprint'))[:12]})"
 
 
-def _open_store(out: Path, source: Source, identity: dict, dtype: str, overwrite: bool,
-                append: bool) -> tuple[EmbeddingStore, tuple[int, int], bool]:
-    """Create OUT, or reopen it for appending after checking that it holds this model's (and input's) vectors."""
-    fresh_record = {"input": source.identity(), "model": identity, "position": [0, 0], "first_row": 0}
+def _plan_out(out: Path, source: Source, identity: dict, dtype: str, overwrite: bool,
+              append: bool) -> tuple[str, tuple[int, int]]:
+    """What to do with OUT, decided (and refused) before the model loads: "create", "replace" (--overwrite),
+    "resume" at a position, or "append" (another input after the existing rows)."""
     if out.exists() and not out.is_dir():
         raise InputError(f"{out} is a file; --out names a store directory (e.g. data.cfbd)")
-    exists = out.is_dir() and any(out.iterdir())
-    if exists and overwrite:
+    if not (out.is_dir() and any(out.iterdir())):
+        return "create", (0, 0)
+    if overwrite:
         if not ((out / COMMIT_RECORD).is_file() or any(out.glob("*.emb"))):
             raise InputError(f"{out} is not a cfbd store; --overwrite only replaces stores: choose another --out")
-        shutil.rmtree(out)
-        exists = False
-    if not exists:
-        store = EmbeddingStore.create(out, dim=identity["dim"], dtype=dtype, model=identity["name"],
-                                      pretrained=identity["pretrained"], normalized=True,
-                                      record={_RECORD_KEY: fresh_record})
-        return store, (0, 0), False
-    store = EmbeddingStore.open(out, mode="a")
-    try:
-        record = store.record.get(_RECORD_KEY)
-        if record is not None:
-            old_model = record.get("model", {})
-            model_matches = same_model(old_model, identity)
-        else:
-            old_model = {"name": store.model or "an unknown model", "pretrained": store.pretrained, "dim": store.dim}
-            model_matches = (store.model == identity["name"] and store.pretrained == identity["pretrained"]
-                             and store.dim == identity["dim"])
-        if not model_matches:
-            raise InputError(f"{out} holds embeddings of {describe(old_model)}; this run embeds {describe(identity)}. "
-                             "Vectors of different models cannot share a store: choose another --out, or pass "
-                             "--overwrite to replace it")
-        if store.record["dtype"] != dtype:
-            raise InputError(f"{out} stores {store.record['dtype']} vectors; this run asks for {dtype}: pass --dtype "
-                             f"{store.record['dtype']} to continue it, or --overwrite")
-        if record is not None and _same_input(record["input"], source.identity()):
-            return store, tuple(record["position"]), True
-        if not append:
-            what = (f"was embedded from {_describe_input(record['input'])}" if record is not None
-                    else "holds rows not written by cfbd-fast embed")
-            raise InputError(f"{out} {what}, not from {_describe_input(source.identity())}: pass --append to add "
-                             f"these rows after its {len(store)}, --overwrite to start over, or choose another --out")
-        store.append(record={_RECORD_KEY: {**fresh_record, "first_row": len(store)}})
-        return store, (0, 0), False
-    except BaseException:
-        store.close()
-        raise
+        return "replace", (0, 0)
+    with EmbeddingStore.open(out) as store:
+        body = store.record
+        rows = len(store)
+    record = body.get(_RECORD_KEY)
+    if record is not None:
+        old_model = record.get("model", {})
+        model_matches = same_model(old_model, identity)
+    else:
+        old_model = {"name": body["model"] or "an unknown model", "pretrained": body["pretrained"], "dim": body["dim"]}
+        model_matches = (body["model"] == identity["name"] and body["pretrained"] == identity["pretrained"]
+                         and body["dim"] == identity["dim"])
+    if not model_matches:
+        raise InputError(f"{out} holds embeddings of {describe(old_model)}; this run embeds {describe(identity)}. "
+                         "Vectors of different models cannot share a store: choose another --out, or pass "
+                         "--overwrite to replace it")
+    if body["dtype"] != dtype:
+        raise InputError(f"{out} stores {body['dtype']} vectors; this run asks for {dtype}: pass --dtype "
+                         f"{body['dtype']} to continue it, or --overwrite")
+    if record is not None and _same_input(record["input"], source.identity()):
+        return "resume", tuple(record["position"])
+    if not append:
+        what = (f"was embedded from {_describe_input(record['input'])}" if record is not None
+                else "holds rows not written by cfbd-fast embed")
+        raise InputError(f"{out} {what}, not from {_describe_input(source.identity())}: pass --append to add "
+                         f"these rows after its {rows}, --overwrite to start over, or choose another --out")
+    return "append", (0, 0)
 
+
+def _open_out(out: Path, action: str, source: Source, identity: dict, dtype: str) -> EmbeddingStore:
+    """Open OUT for writing as `_plan_out` decided, once the model has loaded."""
+    fresh = {"input": source.identity(), "model": identity, "position": [0, 0], "first_row": 0}
+    if action in ("resume", "append"):
+        store = EmbeddingStore.open(out, mode="a")
+        if action == "append":
+            store.append(record={_RECORD_KEY: {**fresh, "first_row": len(store)}})
+        return store
+    if action == "replace":
+        shutil.rmtree(out)
+    return EmbeddingStore.create(out, dim=identity["dim"], dtype=dtype, model=identity["name"],
+                                 pretrained=identity["pretrained"], normalized=True, record={_RECORD_KEY: fresh})

@@ -1,6 +1,7 @@
 """`cfbd_fast.scan`: the CFBD pipeline over a store, out of core, behind one boundary that checks its input.
 
-options (the choices) -> source (the one reader) -> stages (pure array stages) -> publish (the one writer).
+options (the choices) -> source (the one reader) -> mapping, passes, paper / clusters (the stages, on arrays)
+-> publish (the one writer). docs/architecture.md draws it.
 Memory: one chunk of each matrix at a time plus O(N) float32 score arrays.
 """
 from __future__ import annotations
@@ -72,7 +73,7 @@ def scan(store, mapper=None, *, config: ScanConfig | None = None, labels: str | 
     import torch
 
     from ..threads import configure_threads
-    from . import stages
+    from . import clusters, mapping, paper, passes
     from .source import ChunkSource
 
     if config is not None and options:
@@ -86,7 +87,7 @@ def scan(store, mapper=None, *, config: ScanConfig | None = None, labels: str | 
         raise InputError("mapper must be a path, 'self', 'knn' or an object with .map(image, rows)")
     threads = configure_threads(cfg.threads)
     t_start = time.perf_counter()
-    timer = stages.Timer(cfg.device)
+    timer = passes.Timer(cfg.device)
     source = ChunkSource(store)
     if cfg.spec.needs_mapper and cfg.seed_set_size > source.rows:
         raise InputError(f"seed_set_size (--seed-set-size) {cfg.seed_set_size} is larger than the store "
@@ -97,25 +98,25 @@ def scan(store, mapper=None, *, config: ScanConfig | None = None, labels: str | 
     mapper_fp = None
     if cfg.spec.needs_mapper:
         t0 = time.perf_counter()
-        mapper, mapper_fp = stages.resolve_mapper(mapper, source, cfg, progress)
+        mapper, mapper_fp = mapping.resolve_mapper(mapper, source, cfg, progress)
         if hasattr(mapper, "to"):
             mapper = mapper.to(torch.device(cfg.device))
         timer.add("mapper_fit", time.perf_counter() - t0)
 
-    s = stages.consistency_pass(source, mapper, cfg, timer, progress)
-    if cfg.spec.verdict == "clusters":
-        stages.coarse_stage(s, cfg, source, timer)
-        reference = stages.reference_sample(s, mapper, cfg, source)
-        found = stages.cluster_stage(s, reference, cfg, source, timer)
-        z = stages.cluster_correlation_pass(s, found, cfg, source, timer, progress)
-        threshold = stages.clusters_verdict(s, found, z, cfg, source, timer)
-    elif cfg.spec.needs_mapper:
-        split = stages.coarse_stage(s, cfg, source, timer)
-        corr_captions = stages.seed_stage(s, cfg, source, timer)
-        stages.correlation_pass(s, corr_captions, cfg, source, timer, progress)
-        threshold = stages.cfbd_verdict(s, split, cfg, timer)
+    s = passes.consistency_pass(source, mapper, cfg, timer, progress)
+    if cfg.spec.verdict == "clusters":  # cfbd: every caption cluster examined
+        paper.coarse_stage(s, cfg, source, timer)
+        reference = mapping.reference_sample(s, mapper, cfg, source)
+        found = clusters.cluster_stage(s, reference, cfg, source, timer)
+        z = passes.cluster_correlation_pass(s, found, cfg, source, timer, progress)
+        threshold = clusters.clusters_verdict(s, found, z, cfg, source, timer)
+    elif cfg.spec.needs_mapper:  # cfbd-paper, coarse: one seed set
+        split = paper.coarse_stage(s, cfg, source, timer)
+        corr_captions = paper.seed_stage(s, cfg, source, timer)
+        passes.correlation_pass(s, corr_captions, cfg, source, timer, progress)
+        threshold = paper.paper_verdict(s, split, cfg, timer)
     else:
-        threshold = stages.baseline_verdict(s, cfg, timer)
+        threshold = paper.baseline_verdict(s, cfg, timer)
 
     elapsed = time.perf_counter() - t_start
     summary = _summary(s, cfg, source, labels, truth, mapper_fp, threshold, timer, elapsed, threads)
@@ -124,7 +125,7 @@ def scan(store, mapper=None, *, config: ScanConfig | None = None, labels: str | 
                       p_value=s.p_value, cluster=s.cluster, verdict=s.verdict, summary=summary, meta=source.meta)
 
 
-def _summary(s, cfg: ScanConfig, source: ChunkSource, labels, truth, mapper_fp, threshold: dict, timer,
+def _summary(s, cfg: ScanConfig, source, labels, truth, mapper_fp, threshold: dict, timer,
              elapsed: float, threads: int) -> dict:
     from ..detect import metrics
     from ..provenance import device_name, versions

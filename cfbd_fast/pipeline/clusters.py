@@ -1,0 +1,196 @@
+"""The cfbd method's middle: every caption cluster of the seed pool, its statistics and verdict, and the rows
+significant for a backdoor cluster under an error-controlled cut."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from ..detect import clusters as clusters_mod, fine, seeds, threshold
+from .mapping import NULL_SAMPLE, Reference
+from .options import SEED, V_POISONED, ScanConfig
+from .passes import Scores, Timer
+from .source import ChunkSource
+
+
+def cluster_stage(s: Scores, ref: Reference, cfg: ScanConfig, source: ChunkSource, timer: Timer) -> list:
+    """The seed pool's caption clusters, each with its statistics; marks their seeds."""
+    t0 = time.perf_counter()
+    q = min(cfg.seed_set_size, int(s.valid.sum()))
+    pool = seeds.candidate_rows(s.c, s.valid, q, "dense")
+    pool_captions = source.gather("text", pool)
+    found = clusters_mod.caption_clusters(pool, pool_captions, ref.caption_coherence,
+                                          min_members=min(cfg.min_cluster, q), min_relative=cfg.cluster_min_relative)
+    rng = np.random.default_rng(cfg.random_seed + 1)
+    valid_c = s.c[s.valid]
+    c_median, c_scale = float(np.median(valid_c)), float(np.median(np.abs(valid_c - np.median(valid_c)))) * 1.4826
+    for cluster in found:
+        captions = pool_captions[_positions(pool, cluster.rows)]
+        images = source.gather("image", cluster.rows)
+        caption_coh = seeds.mean_pairwise_cosine(captions)
+        image_coh, image_z = clusters_mod.coherence_z(images, ref.images[:NULL_SAMPLE], rng)
+        cluster.stats = {
+            "size": int(len(cluster.rows)),
+            "caption_coherence": caption_coh,
+            "relative_caption_coherence": float(fine.relative_coherence(caption_coh, ref.caption_coherence)),
+            "image_coherence": image_coh,
+            "relative_image_coherence": float(fine.relative_coherence(image_coh, ref.image_coherence)),
+            "image_coherence_z": image_z,
+            "grounding": clusters_mod.grounding(captions.mean(axis=0), ref.generated),
+            "median_c": float(np.median(s.c[cluster.rows])),
+            "c_z": (float(np.median(s.c[cluster.rows])) - c_median) / max(c_scale, 1e-9),
+            "median_s_o": float(np.median(s.s_o[cluster.rows])),
+        }
+        cluster.centroid = captions[: cfg.seed_set_size]
+    # Duplicate families (near-identical images under one caption) are set aside before pass 2; of the rest, the
+    # clusters whose pairs are the least consistent are tested: a backdoor's captions do not fit its images.
+    is_duplicate = [cl.stats["relative_image_coherence"] >= cfg.cluster_min_relative for cl in found]
+    duplicate = [cl for cl, dup in zip(found, is_duplicate) if dup]
+    rest = sorted((cl for cl, dup in zip(found, is_duplicate) if not dup),
+                  key=lambda cl: (-cl.stats["median_c"], int(cl.rows[0])))
+    s.summary["clusters_set_aside"] = (
+        [_set_aside(cl, "its images are near-identical too: a duplicate family, not a trigger", source)
+         for cl in duplicate] +
+        [_set_aside(cl, f"not tested: more consistent than the {cfg.max_clusters} clusters tested (--max-clusters)",
+                    source) for cl in rest[cfg.max_clusters:]])
+    tested = rest[:cfg.max_clusters]
+    s.seed_rows = np.concatenate([c.seed_rows(cfg.seed_set_size) for c in tested]) if tested else \
+        np.zeros(0, dtype=np.int64)
+    s.subset[s.seed_rows] = SEED
+    timer.add("seeds", time.perf_counter() - t0)
+    return tested
+
+
+def _positions(rows: np.ndarray, subset_rows: np.ndarray) -> np.ndarray:
+    """Positions in `rows` of each of `subset_rows` (all present)."""
+    order = np.argsort(rows, kind="stable")
+    return order[np.searchsorted(rows, subset_rows, sorter=order)]
+
+
+def _caption_of(source: ChunkSource, row: int) -> str | None:
+    if "caption" not in source.meta.column_names:
+        return None
+    return source.meta.column("caption")[int(row)].as_py()
+
+
+def _set_aside(cluster, reason: str, source: ChunkSource) -> dict:
+    return {"caption": _caption_of(source, cluster.rows[0]), **cluster.stats, "backdoor": False, "reason": reason}
+
+
+INCONSISTENCY_Z = 3.09  # one-sided 0.001: the cluster's pairs fit their images worse than the bulk's do
+
+
+def is_backdoor(stats: dict, cfg: ScanConfig) -> tuple[bool, str, dict]:
+    """A cluster's verdict from its measured statistics, the reason, and its margin from each boundary.
+
+    A backdoor cluster has enough rows significant for it, its pairs are inconsistent with their images under
+    the mapper (their c lies above the bulk's; a genuine group sharing a caption that describes its images is
+    consistent), and its images are not near-identical (that is a duplicate family).
+    """
+    margins = {"significant_rows": stats["significant_rows"] - cfg.min_cluster,
+               "inconsistency_z": stats["inconsistency_z"] - INCONSISTENCY_Z,
+               "relative_image_coherence": cfg.cluster_min_relative - stats["relative_image_coherence"]}
+    if margins["significant_rows"] < 0:
+        return False, f"only {stats['significant_rows']} rows are significant for it (need {cfg.min_cluster})", margins
+    if not margins["inconsistency_z"] >= 0:
+        return False, (f"its pairs are consistent with their images (c {stats['inconsistency_z']:.1f} standard "
+                       f"errors above the bulk, need {INCONSISTENCY_Z}): a genuine group sharing a caption"), margins
+    return True, (f"{stats['significant_rows']} rows share its caption over unrelated images that it does not "
+                  "describe"), margins
+
+
+def inconsistency_z(c_rows: np.ndarray, c_valid: np.ndarray) -> float:
+    """How far the median c of some rows lies above the median of all, in standard errors of a median."""
+    if len(c_rows) == 0:
+        return float("nan")
+    median = float(np.median(c_valid))
+    sigma = max(float(np.median(np.abs(c_valid - median))) * 1.4826, 1e-9)
+    return (float(np.median(c_rows)) - median) / (1.2533 * sigma / np.sqrt(len(c_rows)))
+
+
+def _significant(scores: np.ndarray, valid: np.ndarray, cfg: ScanConfig) -> tuple[np.ndarray, np.ndarray,
+                                                                              np.ndarray, dict]:
+    """Which rows are significant for which of the score columns: (reject, best column, p-value, cut info).
+
+    With `fdr`/`fwer`, each column gets p-values under its own robust null; a row's p-value is its smallest,
+    times the number of columns (Bonferroni over the clusters); one Benjamini-Hochberg (or Bonferroni) cut over
+    all valid rows follows. With a classic estimator or a given threshold, a row is significant when its score
+    is above its column's threshold.
+    """
+    n, k = scores.shape
+    rows = np.arange(n)
+    if cfg.threshold_method in ("fdr", "fwer") and cfg.threshold is None:
+        pvals, nulls = zip(*(threshold.null_pvalues(scores[:, j], valid) for j in range(k)))
+        pvals = np.stack(pvals, axis=1)
+        best = np.argmin(pvals, axis=1)
+        p = np.minimum(1.0, k * pvals[rows, best])
+        p[~valid] = np.nan
+        control = threshold.benjamini_hochberg if cfg.threshold_method == "fdr" else threshold.family_wise
+        level = cfg.fdr if cfg.threshold_method == "fdr" else cfg.alpha
+        reject = np.zeros(n, dtype=bool)
+        reject[valid], cut = control(p[valid], level)
+        return reject, best, p, {"level": level, "p_cut": cut, "nulls": list(nulls)}
+    estimates = [cfg.threshold if cfg.threshold is not None else
+                 threshold.estimate(scores[:, j], cfg.threshold_method, reference=valid, fpr=cfg.fpr,
+                                    seed=cfg.random_seed) for j in range(k)]
+    margin = scores - np.asarray(estimates, dtype=np.float32)[None, :]
+    best = np.argmax(np.where(np.isnan(margin), -np.inf, margin), axis=1)
+    reject = valid & (margin[rows, best] > 0)
+    return reject, best, np.full(n, np.nan), {"estimates": estimates}
+
+
+def clusters_verdict(s: Scores, found: list, z: np.ndarray, cfg: ScanConfig, source: ChunkSource,
+                     timer: Timer) -> dict:
+    """Each cluster's verdict from its statistics, then the rows: those significant for a backdoor cluster.
+
+    Step 1 tests every row against every cluster (Bonferroni over the clusters) to count each cluster's
+    significant rows and measure them. Step 2 tests the rows again against the backdoor clusters alone, so that
+    the clusters set aside do not dilute the error control of the verdict. Returns the threshold summary.
+    """
+    t0 = time.perf_counter()
+    n_clusters = len(found)
+    s.score = np.full(source.rows, np.nan, dtype=np.float32)
+    info = {"method": cfg.threshold_method if cfg.threshold is None else "given", "score": cfg.score,
+            "clusters_tested": n_clusters}
+    if n_clusters == 0:
+        s.summary["clusters"] = []
+        s.summary["cluster"] = {"found": False, "reason": "no caption cluster among the rows with the largest c"}
+        timer.add("verdict", time.perf_counter() - t0)
+        return {**info, "value": float("nan")}
+    valid = s.valid
+    scores = np.stack([fine.fine_score(z[:, k], s.s_o, cfg.score) for k in range(n_clusters)], axis=1)
+    scores[~valid] = np.nan
+    reject, best, p, cut = _significant(scores, valid, cfg)
+    report = []
+    backdoor = np.zeros(n_clusters, dtype=bool)
+    c_valid = s.c[valid]
+    for k, cluster in enumerate(found):
+        mine = reject & (best == k)
+        stats = {**cluster.stats, "significant_rows": int(mine.sum()),
+                 "inconsistency_z": inconsistency_z(s.c[mine], c_valid)}
+        backdoor[k], reason, margins = is_backdoor(stats, cfg)
+        stats["margins"] = margins
+        if backdoor[k] and min(margins["significant_rows"] / max(cfg.min_cluster, 1),
+                               margins["inconsistency_z"] / INCONSISTENCY_Z,
+                               margins["relative_image_coherence"] / cfg.cluster_min_relative) < 0.2:
+            s.warnings.append(f"cluster {k} is judged a backdoor by a narrow margin ({margins}): check its rows in "
+                              "flagged.csv")
+        report.append({"cluster": k, "caption": _caption_of(source, cluster.rows[0]), "seed_rows": cluster.seed_rows(cfg.seed_set_size).tolist(),
+                       **stats, "backdoor": bool(backdoor[k]), "reason": reason})
+    accepted = np.flatnonzero(backdoor)
+    if len(accepted):
+        s.seed_rows = np.concatenate([found[k].seed_rows(cfg.seed_set_size) for k in accepted])
+        reject, best_accepted, p, cut = _significant(scores[:, accepted], valid, cfg)
+        best = accepted[best_accepted]
+        s.verdict[reject] = V_POISONED
+    s.p_value = p
+    s.cluster[valid] = best[valid].astype(np.int16)
+    rows = np.arange(source.rows)
+    s.z = z[rows, best].astype(np.float32)
+    s.score = scores[rows, best].astype(np.float32)
+    s.summary["clusters"] = report
+    s.summary["cluster"] = {"found": bool(len(accepted)), "clusters_examined": n_clusters,
+                            "backdoor_clusters": accepted.tolist(),
+                            "reason": "; ".join(f"cluster {r['cluster']}: {r['reason']}" for r in report)}
+    timer.add("verdict", time.perf_counter() - t0)
+    return {**info, **cut}
