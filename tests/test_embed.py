@@ -286,6 +286,18 @@ def test_bad_arguments_give_one_line_errors(tmp_path):
         assert message.startswith("Error: ") and expected in message and len(message.splitlines()) == 1, message
 
 
+def test_a_model_that_fails_to_load_leaves_stores_alone(tmp_path):
+    csv = _write_csv_dataset(tmp_path / "data", 3, bad=False)
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"not a checkpoint")
+    message = _embed(csv, "--model", TINY_MODEL, "--pretrained", broken, "--out", tmp_path / "new.cfbd", expect=1)
+    assert "cannot load cfbd-tiny with --pretrained" in message and not (tmp_path / "new.cfbd").exists()
+    _embed(csv, "--model", TINY_MODEL, "--out", tmp_path / "old.cfbd")
+    before = _files(tmp_path / "old.cfbd")
+    _embed(csv, "--model", TINY_MODEL, "--pretrained", broken, "--out", tmp_path / "old.cfbd", "--overwrite", expect=1)
+    assert _files(tmp_path / "old.cfbd") == before
+
+
 def test_another_model_or_input_is_refused(tmp_path, tiny_reference):
     csv = _write_csv_dataset(tmp_path / "a", 4, bad=False)
     out = tmp_path / "s.cfbd"

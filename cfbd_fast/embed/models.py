@@ -132,8 +132,9 @@ def load_model(name: str, pretrained: str | None = None, device: str = "cpu") ->
             tokenizer = open_clip.get_tokenizer(name)
     except InputError:
         raise
-    except (RuntimeError, OSError, ValueError, KeyError) as exc:
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    except Exception as exc:  # torch.load, safetensors, zipfile and open_clip each raise their own types
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        message = message if len(message) <= 160 else message[:157] + "..."
         if not random_weights and "download" in message.lower():
             raise InputError(f"cannot download the {pretrained} weights of {name} (no network?): run once with "
                              "network access (open_clip caches them) or pass a local checkpoint with --pretrained "
