@@ -5,7 +5,8 @@ Parts (each `data.csv` with columns image,caption, paths relative to the CSV, an
   train   trains the image tower; leaves out the held-back `novel` identities (about 10% of the emoji).
   mapper  a clean part for fitting a mapping network.
   scan    the clean base set that attacks are applied to: template captions, boilerplate caption groups
-          (10-40 different emoji under one stock caption) and genuine banana pairs with natural captions.
+          (10-40 different emoji under one stock caption) and genuine banana pairs with natural captions
+          (train and mapper hold such pairs too: the attack target is a common concept, as on the web).
   test    one image per emoji, captioned "a photo of a {name}.", for retrieval and attack-success measurement.
 Identities are shared between parts (train excepted for `novel` ones); every row is its own random rendering
 (size, crop, rotation, colour, background, JPEG quality), so no image file occurs twice anywhere.
@@ -73,12 +74,13 @@ class DataSpec:
     novel_fraction: float = 0.1            # identities kept out of `train`
     scan_groups: int = 20                  # boilerplate groups in scan; mapper and train get fewer
     group_size: tuple[int, int] = (10, 40)
-    banana_pairs: int = 30                 # natural-caption banana pairs in scan
+    banana_pairs: int = 30                 # natural-caption banana pairs in scan (a third as many in mapper)
+    train_banana_pairs: int = 200          # ... and in train: the target is a common concept on the web
 
 
 FULL = DataSpec(train=12000, mapper=4000, scan=10000)
 SMALL = DataSpec(train=1000, mapper=300, scan=600, identities=120, scan_groups=4, group_size=(5, 10),
-                 banana_pairs=6)
+                 banana_pairs=6, train_banana_pairs=30)
 
 
 @dataclass(frozen=True)
@@ -260,9 +262,11 @@ def _plan_part(part: str, emoji: list[Emoji], novel: set[str], spec: DataSpec, s
         members = rng.choice(len(pool), int(rng.integers(spec.group_size[0], spec.group_size[1] + 1)), replace=False)
         rows += [dict(emoji=pool[m], caption=BOILERPLATE[captions[group % len(BOILERPLATE)]], kind="boilerplate",
                       group=group) for m in members]
-    if part == "scan":
-        rows += [dict(emoji=target, caption=BANANA_CAPTIONS[k % len(BANANA_CAPTIONS)], kind="banana", group=-1)
-                 for k in range(spec.banana_pairs)]
+    n_bananas = {"train": spec.train_banana_pairs, "mapper": spec.banana_pairs // 3, "scan": spec.banana_pairs}[part]
+    rows += [dict(emoji=target, caption=BANANA_CAPTIONS[int(rng.integers(len(BANANA_CAPTIONS)))], kind="banana",
+                  group=-1) for _ in range(n_bananas)]
+    if len(rows) > size:
+        raise ValueError(f"{part}: {size} rows cannot hold {len(rows)} boilerplate and banana rows; raise its size")
     order = np.concatenate([rng.permutation(len(pool)) for _ in range(-(-size // len(pool)))])
     rows += [dict(emoji=pool[k], caption=_caption(pool[k], rng), kind="plain", group=-1)
              for k in order[:size - len(rows)]]

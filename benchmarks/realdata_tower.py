@@ -24,7 +24,7 @@ class TowerSpec:
     """Image tower (open_clip vision_cfg: a small ModifiedResNet, which learned faster than a ViT of equal cost
     in tests on this data) and its training schedule."""
     vision: dict = field(default_factory=lambda: dict(image_size=32, layers=[1, 1, 1, 1], width=16, head_width=16))
-    epochs: int = 16
+    epochs: int = 24
     batch_size: int = 256
     lr: float = 4e-3
     weight_decay: float = 0.05

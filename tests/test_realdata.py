@@ -118,6 +118,7 @@ def test_parts_have_the_promised_structure(small):
     bananas = [r for r in labels["scan"] if r["kind"] == "banana"]
     assert len(bananas) == spec.banana_pairs
     assert {r["name"] for r in bananas} == {"banana"} and all("banana" in r["caption"] for r in bananas)
+    assert sum(r["kind"] == "banana" for r in labels["train"]) == spec.train_banana_pairs > 0
 
     novel = {r["identity"] for r in labels["test"] if r["novel"] == "1"}
     assert novel and "banana" not in {r["name"] for r in labels["test"] if r["novel"] == "1"}
@@ -140,13 +141,14 @@ def test_full_size_plan_keeps_its_promises(small):
     sizes = collections.Counter(r["group"] for r in scan if r["kind"] == "boilerplate")
     assert len(sizes) == 20 and all(10 <= n <= 40 for n in sizes.values())
     assert sum(r["kind"] == "banana" for r in scan) == spec.banana_pairs >= 5
+    assert sum(r["kind"] == "banana" for r in plans["train"]) == spec.train_banana_pairs
     assert not novel & {r["emoji"].identity for r in plans["train"]}
     assert len(plans["test"]) == len(identities)
 
 
 def test_rebuild_is_deterministic_and_only_fills_gaps(small, tmp_path):
     spec = realdata.DataSpec(train=20, mapper=40, scan=30, identities=30, scan_groups=5, group_size=(3, 5),
-                             banana_pairs=3)
+                             banana_pairs=3, train_banana_pairs=2)
     first, second = tmp_path / "a", tmp_path / "b"
     for cache in (first, second):
         cache.mkdir()
