@@ -103,7 +103,7 @@ def fetch_emoji(cache: Path) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent) as download, staging(dest) as out:
         done = subprocess.run(["npm", "pack", EMOJI_PACKAGE, "--pack-destination", download],
-                              capture_output=True, text=True)
+                              capture_output=True, text=True, cwd=download)
         tarballs = list(Path(download).glob("*.tgz"))
         if done.returncode != 0 or not tarballs:
             raise RuntimeError(f"npm pack {EMOJI_PACKAGE} failed: {done.stderr.strip()[-500:]}")
