@@ -332,6 +332,16 @@ def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
         writer.writerows(rows)
 
 
+def __getattr__(name: str):
+    """The model half lives in realdata_tower.py (imports torch lazily); its API is reachable from here too."""
+    if name in ("train_image_tower", "evaluate_retrieval", "encode_captions", "text_model_dir", "TowerSpec",
+                "FULL_TOWER", "SMALL_TOWER"):
+        import realdata_tower
+
+        return getattr(realdata_tower, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def ensure_all(cache: Path | None = None, small: bool = False, seed: int = 0, progress: bool = True) -> dict:
     """Build whatever is missing: emoji, the four parts, the trained model; returns their paths and the tower's
     test retrieval figures."""
