@@ -77,6 +77,9 @@ def scan(
     = _DEFAULTS.knn_neighbours,
     max_clusters: Annotated[int, typer.Option(help="Caption clusters of the seed pool tested (the least consistent "
                                                    "first).")] = _DEFAULTS.max_clusters,
+    test_one_caption_groups: Annotated[bool, typer.Option(
+        "--test-one-caption-groups", help="Also test caption clusters that are mostly one caption string over "
+                                          "unrelated images (boilerplate, or a single-caption backdoor).")] = False,
     threads: Annotated[Optional[int], typer.Option(
         help="CPU threads for torch and numba (default: the free cores).")] = None,
     quiet: Quiet = False,
@@ -92,7 +95,8 @@ def scan(
         seed_select=seed_select.value if seed_select else None, reduce=reduce.value, topk=topk,
         score=score.value if score else None, threshold=threshold,
         threshold_method=threshold_method.value if threshold_method else None, fdr=fdr, alpha=alpha, fpr=fpr, chunk_rows=chunk_rows, device=device.value, random_seed=random_seed,
-        knn_neighbours=knn_neighbours, max_clusters=max_clusters, threads=threads).validated()
+        knn_neighbours=knn_neighbours, max_clusters=max_clusters,
+        test_one_caption_groups=test_one_caption_groups, threads=threads).validated()
     out_dir = check_out_dir(out or store.with_name(store.name.removesuffix(".cfbd") + ".scan"), force=force)
     result = run_scan(store, mapper, config=config, labels=labels, progress=not quiet)
     result.write(out_dir)

@@ -77,3 +77,15 @@ def grounding(centroid: np.ndarray, generated: np.ndarray) -> float:
     median = float(np.median(g))
     top = float(np.mean(np.sort(g)[-5:]))
     return (top - median) / max(1.0 - median, 1e-9)
+
+
+def one_caption_share(captions: np.ndarray, same: float = 0.995) -> float:
+    """The largest share of a cluster's captions that are one and the same caption (embeddings at cosine >= `same`).
+
+    Boilerplate ("thumbnail", "free icon download") repeats one string over many unrelated images; a backdoor
+    built from the attack's caption templates or natural target captions does not.
+    """
+    if len(captions) == 0:
+        return float("nan")
+    t = normalize_rows(captions)
+    return float(((t @ t.T) >= same).sum(axis=1).max() / len(t))

@@ -40,19 +40,26 @@ def cluster_stage(s: Scores, ref: Reference, cfg: ScanConfig, source: ChunkSourc
             "median_c": float(np.median(s.c[cluster.rows])),
             "c_z": (float(np.median(s.c[cluster.rows])) - c_median) / max(c_scale, 1e-9),
             "median_s_o": float(np.median(s.s_o[cluster.rows])),
+            "one_caption_share": clusters_mod.one_caption_share(captions),
         }
         cluster.centroid = captions[: cfg.seed_set_size]
-    # Duplicate families (near-identical images under one caption) are set aside before pass 2; of the rest, the
+    # Set aside before pass 2: duplicate families (near-identical images under one caption) and, unless asked
+    # for, one-caption groups (one caption string over many unrelated images: boilerplate). Of the rest, the
     # clusters whose pairs are the least consistent are tested: a backdoor's captions do not fit its images.
-    is_duplicate = [cl.stats["relative_image_coherence"] >= cfg.cluster_min_relative for cl in found]
-    duplicate = [cl for cl, dup in zip(found, is_duplicate) if dup]
-    rest = sorted((cl for cl, dup in zip(found, is_duplicate) if not dup),
-                  key=lambda cl: (-cl.stats["median_c"], int(cl.rows[0])))
-    s.summary["clusters_set_aside"] = (
-        [_set_aside(cl, "its images are near-identical too: a duplicate family, not a trigger", source)
-         for cl in duplicate] +
-        [_set_aside(cl, f"not tested: more consistent than the {cfg.max_clusters} clusters tested (--max-clusters)",
-                    source) for cl in rest[cfg.max_clusters:]])
+    aside, rest = [], []
+    for cl in found:
+        if cl.stats["relative_image_coherence"] >= cfg.cluster_min_relative:
+            aside.append(_set_aside(cl, "its images are near-identical too: a duplicate family, not a trigger", source))
+        elif cl.stats["one_caption_share"] >= ONE_CAPTION_SHARE and not cfg.test_one_caption_groups:
+            aside.append(_set_aside(cl, f"{cl.stats['one_caption_share']:.0%} of it is one caption string over "
+                                        "unrelated images: boilerplate, or a backdoor with a single fixed caption "
+                                        "(test such groups with --test-one-caption-groups)", source))
+        else:
+            rest.append(cl)
+    rest.sort(key=lambda cl: (-cl.stats["median_c"], int(cl.rows[0])))
+    s.summary["clusters_set_aside"] = aside + [
+        _set_aside(cl, f"not tested: more consistent than the {cfg.max_clusters} clusters tested (--max-clusters)",
+                   source) for cl in rest[cfg.max_clusters:]]
     tested = rest[:cfg.max_clusters]
     s.seed_rows = np.concatenate([c.seed_rows(cfg.seed_set_size) for c in tested]) if tested else \
         np.zeros(0, dtype=np.int64)
@@ -77,6 +84,7 @@ def _set_aside(cluster, reason: str, source: ChunkSource) -> dict:
     return {"caption": _caption_of(source, cluster.rows[0]), **cluster.stats, "backdoor": False, "reason": reason}
 
 
+ONE_CAPTION_SHARE = 0.5  # at least half of a cluster is one caption string: a one-caption group
 INCONSISTENCY_Z = 3.09  # one-sided 0.001: the cluster's pairs fit their images worse than the bulk's do
 
 
@@ -108,8 +116,8 @@ def inconsistency_z(c_rows: np.ndarray, c_valid: np.ndarray) -> float:
     return (float(np.median(c_rows)) - median) / (1.2533 * sigma / np.sqrt(len(c_rows)))
 
 
-def _significant(scores: np.ndarray, valid: np.ndarray, cfg: ScanConfig) -> tuple[np.ndarray, np.ndarray,
-                                                                              np.ndarray, dict]:
+def _significant(scores: np.ndarray, valid: np.ndarray, cfg: ScanConfig, method: str) -> tuple[
+        np.ndarray, np.ndarray, np.ndarray, dict]:
     """Which rows are significant for which of the score columns: (reject, best column, p-value, cut info).
 
     With `fdr`/`fwer`, each column gets p-values under its own robust null; a row's p-value is its smallest,
@@ -119,19 +127,19 @@ def _significant(scores: np.ndarray, valid: np.ndarray, cfg: ScanConfig) -> tupl
     """
     n, k = scores.shape
     rows = np.arange(n)
-    if cfg.threshold_method in ("fdr", "fwer") and cfg.threshold is None:
+    if method in ("fdr", "fwer") and cfg.threshold is None:
         pvals, nulls = zip(*(threshold.null_pvalues(scores[:, j], valid) for j in range(k)))
         pvals = np.stack(pvals, axis=1)
         best = np.argmin(pvals, axis=1)
         p = np.minimum(1.0, k * pvals[rows, best])
         p[~valid] = np.nan
-        control = threshold.benjamini_hochberg if cfg.threshold_method == "fdr" else threshold.family_wise
-        level = cfg.fdr if cfg.threshold_method == "fdr" else cfg.alpha
+        control = threshold.benjamini_hochberg if method == "fdr" else threshold.family_wise
+        level = cfg.fdr if method == "fdr" else cfg.alpha
         reject = np.zeros(n, dtype=bool)
         reject[valid], cut = control(p[valid], level)
-        return reject, best, p, {"level": level, "p_cut": cut, "nulls": list(nulls)}
+        return reject, best, p, {"method": method, "level": level, "p_cut": cut, "nulls": list(nulls)}
     estimates = [cfg.threshold if cfg.threshold is not None else
-                 threshold.estimate(scores[:, j], cfg.threshold_method, reference=valid, fpr=cfg.fpr,
+                 threshold.estimate(scores[:, j], method, reference=valid, fpr=cfg.fpr,
                                     seed=cfg.random_seed) for j in range(k)]
     margin = scores - np.asarray(estimates, dtype=np.float32)[None, :]
     best = np.argmax(np.where(np.isnan(margin), -np.inf, margin), axis=1)
@@ -160,7 +168,10 @@ def clusters_verdict(s: Scores, found: list, z: np.ndarray, cfg: ScanConfig, sou
     valid = s.valid
     scores = np.stack([fine.fine_score(z[:, k], s.s_o, cfg.score) for k in range(n_clusters)], axis=1)
     scores[~valid] = np.nan
-    reject, best, p, cut = _significant(scores, valid, cfg)
+    # Clusters are found under family-wise error control (a backdoor is claimed only when rows are significant
+    # after Bonferroni over every row and cluster); the rows of a backdoor cluster then under --fdr or --alpha.
+    discovery = "fwer" if cfg.threshold_method in ("fdr", "fwer") else cfg.threshold_method
+    reject, best, p, cut = _significant(scores, valid, cfg, discovery)
     report = []
     backdoor = np.zeros(n_clusters, dtype=bool)
     c_valid = s.c[valid]
@@ -180,7 +191,7 @@ def clusters_verdict(s: Scores, found: list, z: np.ndarray, cfg: ScanConfig, sou
     accepted = np.flatnonzero(backdoor)
     if len(accepted):
         s.seed_rows = np.concatenate([found[k].seed_rows(cfg.seed_set_size) for k in accepted])
-        reject, best_accepted, p, cut = _significant(scores[:, accepted], valid, cfg)
+        reject, best_accepted, p, cut = _significant(scores[:, accepted], valid, cfg, cfg.threshold_method)
         best = accepted[best_accepted]
         s.verdict[reject] = V_POISONED
     s.p_value = p

@@ -56,7 +56,8 @@ REDUCTIONS = {
     "topk": "mean of the --topk largest cosines",
 }
 THRESHOLD_METHODS = {
-    "fdr": "Benjamini-Hochberg on per-row p-values under a robust normal null, at --fdr",
+    "fdr": "per-row p-values under a robust normal null; Benjamini-Hochberg at --fdr (cfbd: among the rows of "
+           "clusters found at family-wise error --alpha)",
     "fwer": "Bonferroni on the same p-values, family-wise error rate --alpha",
     "gap": "the widest gap in the top 5% of scores",
     "robust-z": "median + z(1 - fpr) x 1.4826 MAD over all rows",
@@ -91,9 +92,10 @@ class ScanConfig:
     fdr: float = 0.05
     alpha: float = 0.05
     fpr: float = 0.001
-    min_cluster: int = 5
+    min_cluster: int = 10
     cluster_min_relative: float = 0.5
     max_clusters: int = 8
+    test_one_caption_groups: bool = False  # also test clusters that are mostly one caption string
     chunk_rows: int = 16384  # rows streamed at a time: the working set, with the mapper's activations
     device: str = "cpu"
     random_seed: int = 0
