@@ -108,12 +108,12 @@ def test_clean_store_reports_no_cluster(tmp_path_factory):
 
 
 def test_fewer_poisons_than_q(tmp_path_factory):
-    store_path, mapper = _demo(tmp_path_factory, "few", 20_000, 0.0006)  # 12 poisons, q = 50
+    store_path, mapper = _demo(tmp_path_factory, "few", 20_000, 0.0015)  # 30 poisons, q = 50
     result = scan(store_path, mapper, q=50)
     m = result.summary["metrics"]
-    assert m["positives"] == 12
+    assert m["positives"] == 30
     assert result.summary["cluster"]["found"]
-    assert m["tpr"] >= 11 / 12 and m["false_positives"] <= 20, m
+    assert m["tpr"] >= 29 / 30 and m["false_positives"] <= 20, m
 
 
 def test_invalid_rows_get_their_own_verdict(tmp_path, small):
