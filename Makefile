@@ -9,7 +9,8 @@ PYTEST_ARGS ?=
 demo: build
 	$(BIN)/cfbd-fast demo
 
-test: build
+# The tests include detection quality on real images, so they need the benchmark material (built once, cached).
+test: build realdata
 	@$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
 
@@ -31,12 +32,13 @@ realdata: build
 	$(BIN)/python benchmarks/realdata.py
 
 # CPU benchmarks of this machine; each prints a table and appends to benchmarks/results.csv.
-bench: build
+bench: build realdata
 	$(BIN)/python benchmarks/bench_store.py
 	$(BIN)/python benchmarks/bench_consistency.py
 	$(BIN)/python benchmarks/bench_seed_correlation.py
 	$(BIN)/python benchmarks/bench_gmm.py
 	$(BIN)/python benchmarks/bench_scan.py
+	$(BIN)/python benchmarks/bench_quality.py --csv bench-data/quality/quality.csv
 
 # On a GPU machine that has python3 with torch, triton, numba, pybind11 and cmake but no package registry.
 # Packages it lacks (pyarrow, ml_dtypes, safetensors, typer, rich, scikit-learn, pytest, ...) travel as

@@ -39,8 +39,7 @@ COLUMNS = ("case", "mapper", "method", "tp", "fp", "tpr", "fpr", "precision", "a
 def embed_csv(csv_path: Path, out: Path, model_dir: Path) -> Path:
     from cfbd_fast.embed.runner import embed
 
-    if not (out / "store.json").exists():
-        embed(csv_path, out, f"local-dir:{model_dir}", workers=0, progress=False)
+    embed(csv_path, out, f"local-dir:{model_dir}", workers=0, progress=False)  # resumes, or finds it complete
     return out
 
 

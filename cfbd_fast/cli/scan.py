@@ -75,6 +75,9 @@ def scan(
     = _DEFAULTS.random_seed,
     knn_neighbours: Annotated[int, typer.Option(help="Captions averaged by --mapper knn.")]
     = _DEFAULTS.knn_neighbours,
+    min_cluster: Annotated[int, typer.Option(help="Rows that must be significant for a caption cluster before it is "
+                                                  "called a backdoor (also the smallest cluster examined).")]
+    = _DEFAULTS.min_cluster,
     max_clusters: Annotated[int, typer.Option(help="Caption clusters of the seed pool tested (the least consistent "
                                                    "first).")] = _DEFAULTS.max_clusters,
     test_one_caption_groups: Annotated[bool, typer.Option(
@@ -95,7 +98,7 @@ def scan(
         seed_select=seed_select.value if seed_select else None, reduce=reduce.value, topk=topk,
         score=score.value if score else None, threshold=threshold,
         threshold_method=threshold_method.value if threshold_method else None, fdr=fdr, alpha=alpha, fpr=fpr, chunk_rows=chunk_rows, device=device.value, random_seed=random_seed,
-        knn_neighbours=knn_neighbours, max_clusters=max_clusters,
+        knn_neighbours=knn_neighbours, min_cluster=min_cluster, max_clusters=max_clusters,
         test_one_caption_groups=test_one_caption_groups, threads=threads).validated()
     out_dir = check_out_dir(out or store.with_name(store.name.removesuffix(".cfbd") + ".scan"), force=force)
     result = run_scan(store, mapper, config=config, labels=labels, progress=not quiet)
