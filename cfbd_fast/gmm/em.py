@@ -128,7 +128,7 @@ def _as_kernel_input(x, *, check_finite: bool):
         bad = int(_kernels.count_nonfinite(values, table))
         if bad:
             raise InputError(f"x holds {bad} NaN or infinite values out of {values.shape[0]}: drop those rows "
-                             f"(cfbd_fast.ops.row_health finds them) before fitting")
+                             f"(cfbd_fast.ops.invalid_rows finds them) before fitting")
     return values, table
 
 
