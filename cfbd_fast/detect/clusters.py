@@ -89,3 +89,27 @@ def one_caption_share(captions: np.ndarray, same: float = 0.995) -> float:
         return float("nan")
     t = normalize_rows(captions)
     return float(((t @ t.T) >= same).sum(axis=1).max() / len(t))
+
+
+def split_one_caption_groups(clusters: list[Cluster], captions_of, min_share: float, min_members: int,
+                             same: float = 0.995) -> list[Cluster]:
+    """Split each cluster's dominant caption string off when it makes up `min_share` of the cluster.
+
+    A boilerplate caption ("royalty free clipart") links to genuine captions that share a word ("speaker
+    clipart"); the boilerplate rows become their own cluster (a one-caption group) and the rest stays a cluster
+    if it still has `min_members`. `captions_of(rows)` returns the caption embeddings of rows.
+    """
+    out = []
+    for cluster in clusters:
+        t = normalize_rows(captions_of(cluster.rows))
+        same_caption = (t @ t.T) >= same
+        counts = same_caption.sum(axis=1)
+        top = int(np.argmax(counts))
+        if counts[top] / len(t) < min_share or counts[top] == len(t):
+            out.append(cluster)
+            continue
+        dominant = same_caption[top]
+        out.append(Cluster(rows=cluster.rows[dominant]))
+        if (~dominant).sum() >= min_members:
+            out.append(Cluster(rows=cluster.rows[~dominant]))
+    return out

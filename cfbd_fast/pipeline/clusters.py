@@ -21,6 +21,8 @@ def cluster_stage(s: Scores, ref: Reference, cfg: ScanConfig, source: ChunkSourc
     pool_captions = source.gather("text", pool)
     found = clusters_mod.caption_clusters(pool, pool_captions, ref.caption_coherence,
                                           min_members=min(cfg.min_cluster, q), min_relative=cfg.cluster_min_relative)
+    found = clusters_mod.split_one_caption_groups(
+        found, lambda rows: pool_captions[_positions(pool, rows)], SPLIT_SHARE, min(cfg.min_cluster, q))
     rng = np.random.default_rng(cfg.random_seed + 1)
     valid_c = s.c[s.valid]
     c_median, c_scale = float(np.median(valid_c)), float(np.median(np.abs(valid_c - np.median(valid_c)))) * 1.4826
@@ -85,6 +87,7 @@ def _set_aside(cluster, reason: str, source: ChunkSource) -> dict:
 
 
 ONE_CAPTION_SHARE = 0.5  # at least half of a cluster is one caption string: a one-caption group
+SPLIT_SHARE = 0.25  # a caption string that makes up a quarter of a cluster is split off as its own group
 INCONSISTENCY_Z = 3.09  # one-sided 0.001: the cluster's pairs fit their images worse than the bulk's do
 
 
