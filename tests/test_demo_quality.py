@@ -1,7 +1,9 @@
 """Detection quality on the default demo data (200k pairs, 512 dims, 0.1% poisoned), three seeds.
 
-Acceptance bar of the scan: CFBD reaches TPR >= 0.98 at FPR <= 0.001 while CLIP-score filtering
-(the `cosine` baseline) stays at TPR <= 0.6 at that FPR.
+Acceptance bar of the scan: CFBD ranks every poison first (TPR at FPR 0.001 of 1) and its default,
+error-controlled verdict (Benjamini-Hochberg at FDR 0.05) reaches TPR >= 0.95 at FPR <= 0.001, while CLIP-score
+filtering (the `cosine` baseline) stays at TPR <= 0.6 at that FPR. (The defaults are chosen on real images by
+benchmarks/bench_quality.py, not on this synthetic data.)
 """
 import shutil
 
@@ -20,7 +22,8 @@ def test_cfbd_beats_cosine_on_default_demo(tmp_path, seed):
     shutil.rmtree(ref_store)
 
     cfbd = scan(scan_store, tmp_path / "mapper.safetensors", seed=seed).summary["metrics"]
-    assert cfbd["tpr"] >= 0.98 and cfbd["fpr"] <= 0.001, cfbd
+    assert cfbd["tpr_at_fpr_0.001"] >= 0.99, cfbd
+    assert cfbd["tpr"] >= 0.95 and cfbd["fpr"] <= 0.001, cfbd
 
     cosine = scan(scan_store, method="cosine").summary["metrics"]
     assert cosine["tpr_at_fpr_0.001"] <= 0.6, cosine

@@ -8,7 +8,7 @@ import numpy as np
 
 from ..detect import clusters as clusters_mod, fine, seeds, threshold
 from .mapping import NULL_SAMPLE, Reference
-from .options import SEED, V_POISONED, ScanConfig
+from .options import BENIGN, SEED, V_POISONED, ScanConfig
 from .passes import Scores, Timer
 from .source import ChunkSource
 
@@ -119,13 +119,13 @@ def inconsistency_z(c_rows: np.ndarray, c_valid: np.ndarray) -> float:
     return (float(np.median(c_rows)) - median) / (1.2533 * sigma / np.sqrt(len(c_rows)))
 
 
-def _significant(scores: np.ndarray, valid: np.ndarray, cfg: ScanConfig, method: str) -> tuple[
-        np.ndarray, np.ndarray, np.ndarray, dict]:
+def _significant(scores: np.ndarray, valid: np.ndarray, tested: np.ndarray, cfg: ScanConfig, method: str
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
     """Which rows are significant for which of the score columns: (reject, best column, p-value, cut info).
 
     With `fdr`/`fwer`, each column gets p-values under its own robust null; a row's p-value is its smallest,
     times the number of columns (Bonferroni over the clusters); one Benjamini-Hochberg (or Bonferroni) cut over
-    all valid rows follows. With a classic estimator or a given threshold, a row is significant when its score
+    the `tested` rows follows. With a classic estimator or a given threshold, a row is significant when its score
     is above its column's threshold.
     """
     n, k = scores.shape
@@ -139,14 +139,14 @@ def _significant(scores: np.ndarray, valid: np.ndarray, cfg: ScanConfig, method:
         control = threshold.benjamini_hochberg if method == "fdr" else threshold.family_wise
         level = cfg.fdr if method == "fdr" else cfg.alpha
         reject = np.zeros(n, dtype=bool)
-        reject[valid], cut = control(p[valid], level)
+        reject[tested], cut = control(p[tested], level)
         return reject, best, p, {"method": method, "level": level, "p_cut": cut, "nulls": list(nulls)}
     estimates = [cfg.threshold if cfg.threshold is not None else
                  threshold.estimate(scores[:, j], method, reference=valid, fpr=cfg.fpr,
                                     seed=cfg.random_seed) for j in range(k)]
     margin = scores - np.asarray(estimates, dtype=np.float32)[None, :]
     best = np.argmax(np.where(np.isnan(margin), -np.inf, margin), axis=1)
-    reject = valid & (margin[rows, best] > 0)
+    reject = tested & (margin[rows, best] > 0)
     return reject, best, np.full(n, np.nan), {"estimates": estimates}
 
 
@@ -174,7 +174,10 @@ def clusters_verdict(s: Scores, found: list, z: np.ndarray, cfg: ScanConfig, sou
     # Clusters are found under family-wise error control (a backdoor is claimed only when rows are significant
     # after Bonferroni over every row and cluster); the rows of a backdoor cluster then under --fdr or --alpha.
     discovery = "fwer" if cfg.threshold_method in ("fdr", "fwer") else cfg.threshold_method
-    reject, best, p, cut = _significant(scores, valid, cfg, discovery)
+    # The fine stage tests the rows the coarse stage did not call benign (the paper's suspicious subset and
+    # the seeds): a pair whose image and caption agree is not a poison, and fewer tests mean a looser cut.
+    tested = valid & (s.subset != BENIGN)
+    reject, best, p, cut = _significant(scores, valid, tested, cfg, discovery)
     report = []
     backdoor = np.zeros(n_clusters, dtype=bool)
     c_valid = s.c[valid]
@@ -194,7 +197,8 @@ def clusters_verdict(s: Scores, found: list, z: np.ndarray, cfg: ScanConfig, sou
     accepted = np.flatnonzero(backdoor)
     if len(accepted):
         s.seed_rows = np.concatenate([found[k].seed_rows(cfg.seed_set_size) for k in accepted])
-        reject, best_accepted, p, cut = _significant(scores[:, accepted], valid, cfg, cfg.threshold_method)
+        reject, best_accepted, p, cut = _significant(scores[:, accepted], valid, tested, cfg,
+                                                    cfg.threshold_method)
         best = accepted[best_accepted]
         s.verdict[reject] = V_POISONED
     s.p_value = p
