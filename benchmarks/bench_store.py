@@ -1,8 +1,12 @@
-"""Store benchmark: open time, and full-read throughput and peak RSS of iter_chunks vs np.load, np.load(mmap) and cat.
+"""Store benchmark: open time, and the read stage of a scan: iter_chunks against np.load(mmap_mode='r') streamed in
+the same chunks, with `cat` as the disk's reference.
 
-Writes a store of --gb GB (image + text, float16) and the same two matrices as .npy files under --dir, then reads
-everything once per method in a fresh process, warm (page cache hot) and cold (files evicted with
-posix_fadvise(DONTNEED) first). Each reader touches every byte (a running uint64 sum). Usage:
+Writes a store of --gb GB (image + text, float16) and the same two matrices as .npy files under --dir. Each reader,
+in a fresh process, goes through both matrices chunk by chunk and touches every byte of each chunk (a running
+uint64 sum), as a scan's kernels would: for iter_chunks the time spent waiting in the iterator (its read-ahead
+thread faulting pages in) is reported beside the total; for the memory map the page faults happen while the chunk
+is touched, so only the total compares. Warm (page cache hot) and cold (files evicted with posix_fadvise(DONTNEED)
+first); the readers alternate, --repeat rounds each, and the table gives medians and min-max. Usage:
 
     python benchmarks/bench_store.py [--dir bench-data] [--gb 4] [--dim 1024] [--chunk-rows 16384] [--keep]
 """
@@ -20,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import append_results, machine, print_table, run_child  # noqa: E402
+from _common import append_results, child_peak_rss_mb, machine, print_table, run_child, spread  # noqa: E402
 
 WRITE_ROWS = 32768
 
@@ -69,6 +73,9 @@ def warm(paths: list[Path]) -> None:
     subprocess.run(["cat", *map(str, paths)], stdout=subprocess.DEVNULL, check=True)
 
 
+MMAP = "np.load(mmap_mode='r'), same chunks"
+
+
 def child(method: str, store_path: str, npy_paths: list[str], chunk_rows: int) -> dict:
     from cfbd_fast.store import EmbeddingStore
 
@@ -79,41 +86,31 @@ def child(method: str, store_path: str, npy_paths: list[str], chunk_rows: int) -
             store = EmbeddingStore.open(store_path)
             times.append(time.perf_counter() - start)
             store.close()
-        return {"seconds": float(np.median(times)), "bytes": 0, "own_peak_rss_mb": own_peak_rss_mb()}
+        return {"seconds": float(np.median(times)), "bytes": 0, "own_peak_rss_mb": child_peak_rss_mb()}
     start = time.perf_counter()
-    total = 0
-    nbytes = 0
+    total = nbytes = 0
+    wait = 0.0
     if method == "iter_chunks":
         with EmbeddingStore.open(store_path) as store:
-            for chunk in store.iter_chunks(rows=chunk_rows):
+            chunks = store.iter_chunks(rows=chunk_rows, matrices=("image", "text"))
+            while True:
+                asked = time.perf_counter()
+                chunk = next(chunks, None)
+                wait += time.perf_counter() - asked
+                if chunk is None:
+                    break
                 total += consume(chunk.image) + consume(chunk.text)
                 nbytes += chunk.image.nbytes + chunk.text.nbytes
-    elif method == "np.load":
-        for path in npy_paths:
-            array = np.load(path)
-            total += consume(array)
-            nbytes += array.nbytes
-            del array
-    elif method == "np.load(mmap_mode='r')":
-        for path in npy_paths:
-            array = np.load(path, mmap_mode="r")
-            for row in range(0, array.shape[0], chunk_rows):
-                total += consume(array[row:row + chunk_rows])
-            nbytes += array.nbytes
-            del array
+    elif method == MMAP:
+        image, text = (np.load(path, mmap_mode="r") for path in npy_paths)
+        for lo in range(0, image.shape[0], chunk_rows):
+            total += consume(image[lo:lo + chunk_rows]) + consume(text[lo:lo + chunk_rows])
+        nbytes = image.nbytes + text.nbytes
     else:
         raise SystemExit(f"unknown method {method}")
-    return {"seconds": time.perf_counter() - start, "bytes": nbytes, "checksum": total % (1 << 64),
-            "own_peak_rss_mb": own_peak_rss_mb()}
-
-
-def own_peak_rss_mb() -> float:
-    """This process's own high-water RSS (VmHWM). Unlike ru_maxrss it does not inherit the parent's peak across
-    fork + exec, so a small reader started by a big parent reports its own footprint."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+    result = {"seconds": time.perf_counter() - start, "bytes": nbytes, "checksum": total % (1 << 64),
+              "own_peak_rss_mb": child_peak_rss_mb()}
+    return {**result, "wait_s": wait} if method == "iter_chunks" else result
 
 
 def timed_cat(paths: list[Path]) -> dict:
@@ -127,7 +124,8 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=Path("bench-data"), help="where to write the data (git-ignored)")
     parser.add_argument("--gb", type=float, default=4.0, help="store size in GB (image + text)")
     parser.add_argument("--dim", type=int, default=1024)
-    parser.add_argument("--chunk-rows", type=int, default=16384, help="rows per chunk for the streaming readers")
+    parser.add_argument("--chunk-rows", type=int, default=16384, help="rows per chunk for both readers")
+    parser.add_argument("--repeat", type=int, default=5, help="rounds per reader and cache state (at least 5)")
     parser.add_argument("--keep", action="store_true", help="keep the data for another run")
     parser.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -135,38 +133,44 @@ def main() -> None:
         method, store_path, chunk_rows, *npy_paths = args.child
         print(json.dumps(child(method, store_path, npy_paths, int(chunk_rows))))
         return
+    if args.repeat < 5:
+        parser.error("--repeat must be at least 5: medians of fewer rounds on a shared machine mean little")
 
     store_path, npy_paths = make_data(args.dir, args.gb, args.dim)
     store_files = [store_path / "image.emb", store_path / "text.emb"]
     script = Path(__file__).resolve()
-    rows = []
-
-    def record(method: str, cache: str, result: dict, baseline: dict | None) -> None:
-        row = {"method": method, "cache": cache, "seconds": result["seconds"],
-               "peak_rss_mb": result.get("own_peak_rss_mb", "")}
-        if result["bytes"]:
-            row["GB/s"] = result["bytes"] / result["seconds"] / 1e9
-            row["vs cat"] = row["GB/s"] / baseline["GB/s"]
-        rows.append(row)
-
+    readers = {"cat FILES > /dev/null": store_files, "iter_chunks": store_files, MMAP: npy_paths}
     opened = run_child(script, "open", str(store_path), str(args.chunk_rows))
-    record("open (median of 20)", "warm", opened, None)
+    rows = [{"method": "open (median of 20)", "cache": "warm", "median_s": opened["seconds"],
+             "peak_rss_mb": opened["own_peak_rss_mb"]}]
     for cache in ("warm", "cold"):
         prepare = warm if cache == "warm" else evict
-        prepare(store_files)
-        cat = timed_cat(store_files)
-        cat_row = {"GB/s": cat["bytes"] / cat["seconds"] / 1e9}
-        record("cat FILES > /dev/null", cache, cat, cat_row)
-        for method in ("iter_chunks", "np.load", "np.load(mmap_mode='r')"):
-            files = store_files if method == "iter_chunks" else npy_paths
-            prepare(files)
-            result = run_child(script, method, str(store_path), str(args.chunk_rows), *map(str, npy_paths))
-            record(method, cache, result, cat_row)
+        runs = {name: [] for name in readers}
+        for round_ in range(args.repeat):
+            for name in list(readers)[round_ % 3:] + list(readers)[:round_ % 3]:
+                prepare(readers[name])
+                if name.startswith("cat"):
+                    runs[name].append(timed_cat(readers[name]))
+                else:
+                    runs[name].append(run_child(script, name, str(store_path), str(args.chunk_rows),
+                                                *map(str, npy_paths)))
+        medians = {name: spread([r["seconds"] for r in results])["median_s"] for name, results in runs.items()}
+        for name, results in runs.items():
+            row = {"method": name, "cache": cache, **spread([r["seconds"] for r in results]),
+                   "GB/s": results[0]["bytes"] / medians[name] / 1e9,
+                   "vs cat": medians["cat FILES > /dev/null"] / medians[name],
+                   "vs mmap": medians[MMAP] / medians[name]}
+            if "wait_s" in results[0]:
+                row["wait_s"] = float(np.median([r["wait_s"] for r in results]))
+            if "own_peak_rss_mb" in results[0]:
+                row["peak_rss_mb"] = max(r["own_peak_rss_mb"] for r in results)
+            rows.append(row)
 
     size_gb = sum(p.stat().st_size for p in store_files) / 1e9
-    print_table(f"Store read benchmark: {size_gb:.2f} GB store (2 x float16 x dim {args.dim}), "
-                f"chunks of {args.chunk_rows} rows; {machine()}", rows,
-                ["method", "cache", "seconds", "GB/s", "vs cat", "peak_rss_mb"])
+    print_table(f"Store read benchmark: {size_gb:.2f} GB store (2 x float16 x dim {args.dim}), chunks of "
+                f"{args.chunk_rows} rows, {args.repeat} alternating rounds; speedups are medians' ratios; {machine()}",
+                rows, ["method", "cache", "median_s", "range_s", "wait_s", "GB/s", "vs cat", "vs mmap",
+                       "peak_rss_mb"])
     append_results("bench_store", [{**r, "size_gb": size_gb, "chunk_rows": args.chunk_rows} for r in rows])
     if not args.keep:
         shutil.rmtree(args.dir)
