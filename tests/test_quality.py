@@ -1,6 +1,7 @@
 """Detection quality on real images with the default options: the Twemoji benchmark (benchmarks/realdata.py, built
 by `make test` through `make realdata`), poisoned by `cfbd-fast poison`, embedded by `cfbd-fast embed` with its
-real dual encoder, scanned by `cfbd-fast scan` with a mapper trained on the held-apart clean part."""
+real dual encoder, scanned by `cfbd-fast scan --mapper self` (the mapper that did best on this benchmark, see
+benchmarks/RESULTS.md) and otherwise default options."""
 import sys
 from pathlib import Path
 
@@ -28,12 +29,10 @@ def bench(tmp_path_factory):
     model = Path(data["model"])
     clean_csv = Path(data["parts"]["scan"])
     clean = bench_quality.embed_csv(clean_csv, work / "clean.cfbd", model)
-    mapper_store = bench_quality.embed_csv(Path(data["parts"]["mapper"]), work / "mapper.cfbd", model)
-    mapper = bench_quality.train_reference_mapper(mapper_store, work / "mapper.safetensors")
 
     def case(name, **poison):
         return bench_quality.case_store(name, clean_csv, clean, model, work, **poison)
-    return {"clean": clean, "mapper": str(mapper), "case": case, "work": work, "labels": data["parts"]["scan"]}
+    return {"clean": clean, "mapper": "self", "case": case, "work": work, "labels": data["parts"]["scan"]}
 
 
 def _truth(store):
@@ -44,7 +43,7 @@ def _truth(store):
 def test_each_attack_is_found_with_the_defaults(bench, attack):
     store = bench["case"](f"{attack}-1pct", attack=attack, rate=0.01, seed=7)
     m = scan(store, bench["mapper"]).summary["metrics"]
-    assert m["tpr"] >= 0.95 and m["fpr"] <= 0.004, m
+    assert m["tpr"] >= 0.95 and m["fpr"] <= 0.002, m
 
 
 def test_clean_data_flags_almost_nothing(bench):
@@ -86,3 +85,37 @@ def test_weak_evidence_is_said(bench, tmp_path):
                                      pretrained=store.pretrained, normalized=True)
     result = scan(bad, bench["mapper"])
     assert any("3 rows with NaN/inf" in w for w in result.summary["warnings"])
+
+
+def test_poison_embed_scan_through_the_command_line(tmp_path):
+    """A user's path from images to a verdict: `cfbd-fast poison`, `embed`, `scan`, as subprocesses."""
+    import csv
+    import json
+    import subprocess
+
+    data = realdata.ensure_all(progress=False)
+    part = Path(data["parts"]["scan"])
+    with open(part, newline="") as fh:
+        rows = list(csv.reader(fh))
+    subset = tmp_path / "subset.csv"  # 2,000 real rows, image paths made absolute
+    with open(subset, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(rows[0])
+        for image, caption in rows[1:2001]:
+            writer.writerow([str(part.parent / image), caption])
+
+    def run(*args):
+        out = subprocess.run([sys.executable, "-m", "cfbd_fast.cli.main", *map(str, args), "--quiet", "--json"],
+                             capture_output=True, text=True, check=False)
+        assert out.returncode == 0, out.stderr + out.stdout
+        return json.loads(out.stdout)
+
+    poisoned = run("poison", subset, "--attack", "sig", "--rate", 0.02, "--seed", 3, "--out", tmp_path / "poisoned")
+    assert poisoned["poisoned"] == 40
+    embedded = run("embed", tmp_path / "poisoned", "--model", f"local-dir:{data['model']}", "--out",
+                   tmp_path / "p.cfbd")
+    assert embedded["rows_written"] == 2000 and embedded["skipped"] == 0
+    summary = run("scan", tmp_path / "p.cfbd", "--mapper", "self", "--out", tmp_path / "p.scan")
+    assert summary["metrics"]["positives"] == 40 and summary["metrics"]["auroc"] >= 0.95, summary["metrics"]
+    assert summary["metrics"]["fpr"] <= 0.005, summary["metrics"]
+    assert (tmp_path / "p.scan" / "flagged.csv").exists()
