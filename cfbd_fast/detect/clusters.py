@@ -21,6 +21,7 @@ class Cluster:
     """One caption cluster of the seed pool: its rows (densest first) and its statistics."""
     rows: np.ndarray  # store row ids, most central first
     stats: dict = field(default_factory=dict)
+    seed_captions: np.ndarray | None = None  # caption embeddings of seed_rows(q), for pass 2
 
     def seed_rows(self, q: int) -> np.ndarray:
         """The cluster's fine-stage seeds: its q most central rows."""

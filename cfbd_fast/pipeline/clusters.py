@@ -44,7 +44,7 @@ def cluster_stage(s: Scores, ref: Reference, cfg: ScanConfig, source: ChunkSourc
             "median_s_o": float(np.median(s.s_o[cluster.rows])),
             "one_caption_share": clusters_mod.one_caption_share(captions),
         }
-        cluster.centroid = captions[: cfg.seed_set_size]
+        cluster.seed_captions = captions[: cfg.seed_set_size]
     # Set aside before pass 2: duplicate families (near-identical images under one caption) and, unless asked
     # for, one-caption groups (one caption string over many unrelated images: boilerplate). Of the rest, the
     # clusters whose pairs are the least consistent are tested: a backdoor's captions do not fit its images.
@@ -94,9 +94,9 @@ INCONSISTENCY_Z = 3.09  # one-sided 0.001: the cluster's pairs fit their images 
 def is_backdoor(stats: dict, cfg: ScanConfig) -> tuple[bool, str, dict]:
     """A cluster's verdict from its measured statistics, the reason, and its margin from each boundary.
 
-    A backdoor cluster has enough rows significant for it, its pairs are inconsistent with their images under
+    A backdoor cluster has enough rows significant for it and its pairs are inconsistent with their images under
     the mapper (their c lies above the bulk's; a genuine group sharing a caption that describes its images is
-    consistent), and its images are not near-identical (that is a duplicate family).
+    consistent). Duplicate families and one-caption groups were set aside before (`cluster_stage`).
     """
     margins = {"significant_rows": stats["significant_rows"] - cfg.min_cluster,
                "inconsistency_z": stats["inconsistency_z"] - INCONSISTENCY_Z,

@@ -131,8 +131,8 @@ def cluster_correlation_pass(s: Scores, found: list, cfg: ScanConfig, source: Ch
     t0 = time.perf_counter()
     device = torch.device(cfg.device)
     z = np.full((source.rows, len(found)), np.nan, dtype=np.float32)
-    seeds_t = [torch.from_numpy(np.ascontiguousarray(c.centroid)).to(device) for c in found]
-    topks = [min(cfg.topk, len(c.centroid)) if cfg.reduce == "topk" else None for c in found]
+    seeds_t = [torch.from_numpy(np.ascontiguousarray(c.seed_captions)).to(device) for c in found]
+    topks = [min(cfg.topk, len(c.seed_captions)) if cfg.reduce == "topk" else None for c in found]
     if found:
         with progress_bar("correlation", source.rows, enabled=progress) as bar, torch.no_grad():
             for chunk in source.chunks(cfg.chunk_rows, ("text",)):
