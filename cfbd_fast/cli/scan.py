@@ -50,8 +50,9 @@ def scan(
     = _DEFAULTS.seed_set_size,
     seed_select: Annotated[Optional[SeedSelect], typer.Option(
         help="How the seed set is chosen (default: per method). " + _help(SEED_SELECTORS))] = None,
-    reduce: Annotated[Reduce, typer.Option(help="How z combines a caption's cosines to the seed captions. "
-                                                + _help(REDUCTIONS))] = _DEFAULTS.reduce,
+    reduce: Annotated[Optional[Reduce], typer.Option(
+        help="How z combines a caption's cosines to the seed captions (default: per method; topk for cfbd). "
+             + _help(REDUCTIONS))] = None,
     topk: Annotated[int, typer.Option(help="Cosines averaged by --reduce topk.")] = _DEFAULTS.topk,
     score: Annotated[Optional[Score], typer.Option(help="Fine-stage score (default: per method). " + _help(SCORES))]
     = None,
@@ -95,7 +96,7 @@ def scan(
 
     config = ScanConfig(
         method=method.value, components=components, gamma=gamma, seed_set_size=seed_set_size,
-        seed_select=seed_select.value if seed_select else None, reduce=reduce.value, topk=topk,
+        seed_select=seed_select.value if seed_select else None, reduce=reduce.value if reduce else None, topk=topk,
         score=score.value if score else None, threshold=threshold,
         threshold_method=threshold_method.value if threshold_method else None, fdr=fdr, alpha=alpha, fpr=fpr, chunk_rows=chunk_rows, device=device.value, random_seed=random_seed,
         knn_neighbours=knn_neighbours, min_cluster=min_cluster, max_clusters=max_clusters,

@@ -21,6 +21,7 @@ class Method:
     score: str | None = None  # default fine-stage score; for baselines the score they compute
     verdict: str = "threshold"  # see VERDICT_RULES
     threshold_method: str = "gap"  # default threshold estimator
+    reduce: str = "mean"  # default reduction of a caption's cosines to the seed captions
 
 
 VERDICT_RULES = {
@@ -33,7 +34,7 @@ VERDICT_RULES = {
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("cfbd", "CFBD with every caption cluster of the seed pool examined, the score z - s_o and an "
            "error-controlled verdict", True, seed_select="dense", score="z-so", verdict="clusters",
-           threshold_method="fdr"),
+           threshold_method="fdr", reduce="topk"),
     Method("cfbd-paper", "CFBD as the paper states it: top-q seeds, the score z", True,
            seed_select="top", score="z", verdict="paper"),
     Method("coarse", "the coarse stage alone: flag all that the GMM does not call benign", True,
@@ -84,7 +85,7 @@ class ScanConfig:
     gamma: float = 0.9
     seed_set_size: int = 50  # the paper's q
     seed_select: str | None = None
-    reduce: str = "mean"
+    reduce: str | None = None
     topk: int = 5
     score: str | None = None
     threshold: float | None = None
@@ -129,7 +130,8 @@ class ScanConfig:
         out = replace(self, self_options=dict(self.self_options),
                       seed_select=self.seed_select or method.seed_select or "top",
                       score=self.score or method.score,
-                      threshold_method=self.threshold_method or method.threshold_method)
+                      threshold_method=self.threshold_method or method.threshold_method,
+                      reduce=self.reduce or method.reduce)
         _choice("seed_select", out.seed_select, SEED_SELECTORS)
         if method.needs_mapper:
             _choice("score", out.score, SCORES)
