@@ -250,7 +250,8 @@ def bench_speed(store: Path, mapper: Path, rows: int, args) -> dict:
         return sum(v for k, v in r["stages"].items() if k != "mapper")
     table.append(_row("all but the mapper (target >= 10x)", spread([non_mapper(r) for r in ours]),
                       naive and spread([non_mapper(r) for r in naive])))
-    table.append(_row("total (wall)", spread([r["total"] for r in ours]), naive and spread([r["total"] for r in naive])))
+    table.append(_row("total (wall)", spread([r["total"] for r in ours]),
+                      naive and spread([r["total"] for r in naive])))
     table.append(_row("first scan in a process (numba compile)", spread([r["first"] for r in ours]), None))
     for key, name in (("peak_rss_mb", "peak RSS MB, max over rounds (target <= 1/4: ratio >= 4)"),
                       ("working_mb", "peak RSS above the warmed-up process, MB")):

@@ -1,4 +1,4 @@
-"""invalid_rows against its literal definition (a zero row, or any NaN/inf), on every implementation, dtype and shape."""
+"""invalid_rows against its literal definition (a zero row, or any NaN/inf) on every implementation, dtype, shape."""
 from __future__ import annotations
 
 import ml_dtypes
