@@ -65,7 +65,8 @@ THRESHOLD_METHODS = {
     "null-quantile": "the (1 - fpr) quantile over the coarse benign subset",
     "mixture": "where a 2-component GMM on the score turns to its upper component",
 }
-DEVICES = {"cpu": "the CPU path (numba row passes and torch blocks over threads)", "cuda": "the Triton kernels on a CUDA device"}
+DEVICES = {"cpu": "the CPU path (numba row passes and torch blocks over threads)",
+           "cuda": "the Triton kernels on a CUDA device"}
 
 # The outputs' vocabulary: each row's coarse subset and verdict, stored as int8 codes into these arrays.
 SUBSETS = ("benign", "seed", "suspicious", "invalid")
