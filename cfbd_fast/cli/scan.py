@@ -98,7 +98,8 @@ def scan(
         method=method.value, components=components, gamma=gamma, seed_set_size=seed_set_size,
         seed_select=seed_select.value if seed_select else None, reduce=reduce.value if reduce else None, topk=topk,
         score=score.value if score else None, threshold=threshold,
-        threshold_method=threshold_method.value if threshold_method else None, fdr=fdr, alpha=alpha, fpr=fpr, chunk_rows=chunk_rows, device=device.value, random_seed=random_seed,
+        threshold_method=threshold_method.value if threshold_method else None, fdr=fdr, alpha=alpha, fpr=fpr,
+        chunk_rows=chunk_rows, device=device.value, random_seed=random_seed,
         knn_neighbours=knn_neighbours, min_cluster=min_cluster, max_clusters=max_clusters,
         test_one_caption_groups=test_one_caption_groups, threads=threads).validated()
     out_dir = check_out_dir(out or store.with_name(store.name.removesuffix(".cfbd") + ".scan"), force=force)
@@ -122,7 +123,8 @@ def format_summary(summary: dict) -> str:
     fit = summary.get("mapper_fit")
     if fit:
         lines.append(f"mapper fit      median cos(F(I), T) {fit['median_cos_generated_caption']:.3f}  vs the mean "
-                     f"caption {fit['median_cos_mean_caption']:.3f}  vs cos(I, T) {fit['median_cos_image_caption']:.3f}")
+                     f"caption {fit['median_cos_mean_caption']:.3f}  "
+                     f"vs cos(I, T) {fit['median_cos_image_caption']:.3f}")
     for c in summary.get("clusters", []):
         lines.append(f"cluster {c['cluster']}       {'BACKDOOR' if c['backdoor'] else 'not a backdoor'}: "
                      f"{c['size']} seed-pool rows, {c['significant_rows']} significant, caption {c['caption']!r}; "

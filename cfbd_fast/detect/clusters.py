@@ -57,7 +57,8 @@ def caption_clusters(candidates: np.ndarray, captions: np.ndarray, null_coherenc
     return clusters
 
 
-def coherence_z(x: np.ndarray, null_rows: np.ndarray, rng: np.random.Generator, draws: int = 200) -> tuple[float, float]:
+def coherence_z(x: np.ndarray, null_rows: np.ndarray, rng: np.random.Generator,
+                draws: int = 200) -> tuple[float, float]:
     """Mean pairwise cosine of the rows `x`, and how many standard deviations it lies above that of random sets of
     the same size drawn from `null_rows` (a random sample of the store)."""
     observed = mean_pairwise_cosine(x)

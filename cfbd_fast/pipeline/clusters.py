@@ -192,7 +192,8 @@ def clusters_verdict(s: Scores, found: list, z: np.ndarray, cfg: ScanConfig, sou
                                margins["relative_image_coherence"] / cfg.cluster_min_relative) < 0.2:
             s.warnings.append(f"cluster {k} is judged a backdoor by a narrow margin ({margins}): check its rows in "
                               "flagged.csv")
-        report.append({"cluster": k, "caption": _caption_of(source, cluster.rows[0]), "seed_rows": cluster.seed_rows(cfg.seed_set_size).tolist(),
+        report.append({"cluster": k, "caption": _caption_of(source, cluster.rows[0]),
+                       "seed_rows": cluster.seed_rows(cfg.seed_set_size).tolist(),
                        **stats, "backdoor": bool(backdoor[k]), "reason": reason})
     accepted = np.flatnonzero(backdoor)
     if len(accepted):
