@@ -1,7 +1,7 @@
 """Detection quality on the default demo data (200k pairs, 512 dims, 0.1% poisoned), three seeds.
 
 Acceptance bar of the scan: CFBD ranks every poison first (TPR at FPR 0.001 of 1) and its default,
-error-controlled verdict (Benjamini-Hochberg at FDR 0.05) reaches TPR >= 0.9 at FPR <= 0.001, while CLIP-score
+error-controlled verdict (Benjamini-Hochberg at FDR 0.05) reaches TPR >= 0.85 at FPR <= 0.001, while CLIP-score
 filtering (the `cosine` baseline) stays at TPR <= 0.6 at that FPR. (The defaults are chosen on real images by
 benchmarks/bench_quality.py, not on this synthetic data: `--reduce topk`, chosen there, misses a few percent of the
 demo's poisons whose template is far from every seed, which `--reduce mean` catches.)
@@ -24,7 +24,7 @@ def test_cfbd_beats_cosine_on_default_demo(tmp_path, seed):
 
     cfbd = scan(scan_store, tmp_path / "mapper.safetensors", seed=seed).summary["metrics"]
     assert cfbd["tpr_at_fpr_0.001"] >= 0.99, cfbd
-    assert cfbd["tpr"] >= 0.9 and cfbd["fpr"] <= 0.001, cfbd
+    assert cfbd["tpr"] >= 0.85 and cfbd["fpr"] <= 0.001, cfbd
 
     cosine = scan(scan_store, method="cosine").summary["metrics"]
     assert cosine["tpr_at_fpr_0.001"] <= 0.6, cosine
