@@ -4,15 +4,21 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: demo test build venv bench gpu-bench clean realdata
+.PHONY: demo test build venv bench gpu-bench clean realdata browser
 
 demo: build
 	$(BIN)/cfbd-fast demo
 
-# The tests include detection quality on real images, so they need the benchmark material (built once, cached).
-test: build realdata
+# The tests include detection quality on real images, so they need the benchmark material (built once, cached),
+# and render the HTML report in a headless browser.
+test: build realdata browser
 	@$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
+
+# Headless Chromium for the report's rendering test (Debian's package; needs root or sudo).
+browser:
+	test -x /usr/bin/chromium || { apt-get update -q && apt-get install -y -q chromium; } || \
+		{ echo "install Debian's chromium package (apt-get install chromium) as root" >&2; exit 1; }
 
 venv: $(VENV)/.deps
 $(VENV)/.deps: requirements.txt
