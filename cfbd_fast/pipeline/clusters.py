@@ -51,17 +51,18 @@ def cluster_stage(s: Scores, ref: Reference, cfg: ScanConfig, source: ChunkSourc
     aside, rest = [], []
     for cl in found:
         if cl.stats["relative_image_coherence"] >= cfg.cluster_min_relative:
-            aside.append(_set_aside(cl, "its images are near-identical too: a duplicate family, not a trigger", source))
+            aside.append(_set_aside(cl, "its images are near-identical too: a duplicate family, not a trigger", source,
+                                     cfg))
         elif cl.stats["one_caption_share"] >= ONE_CAPTION_SHARE and not cfg.test_one_caption_groups:
             aside.append(_set_aside(cl, f"{cl.stats['one_caption_share']:.0%} of it is one caption string over "
                                         "unrelated images: boilerplate, or a backdoor with a single fixed caption "
-                                        "(test such groups with --test-one-caption-groups)", source))
+                                        "(test such groups with --test-one-caption-groups)", source, cfg))
         else:
             rest.append(cl)
     rest.sort(key=lambda cl: (-cl.stats["median_c"], int(cl.rows[0])))
     s.summary["clusters_set_aside"] = aside + [
         _set_aside(cl, f"not tested: more consistent than the {cfg.max_clusters} clusters tested (--max-clusters)",
-                   source) for cl in rest[cfg.max_clusters:]]
+                   source, cfg) for cl in rest[cfg.max_clusters:]]
     tested = rest[:cfg.max_clusters]
     s.seed_rows = np.concatenate([c.seed_rows(cfg.seed_set_size) for c in tested]) if tested else \
         np.zeros(0, dtype=np.int64)
@@ -82,8 +83,10 @@ def _caption_of(source: ChunkSource, row: int) -> str | None:
     return source.meta.column("caption")[int(row)].as_py()
 
 
-def _set_aside(cluster, reason: str, source: ChunkSource) -> dict:
-    return {"caption": _caption_of(source, cluster.rows[0]), **cluster.stats, "backdoor": False, "reason": reason}
+def _set_aside(cluster, reason: str, source: ChunkSource, cfg: ScanConfig) -> dict:
+    return {"caption": _caption_of(source, cluster.rows[0]),
+            "seed_rows": cluster.seed_rows(cfg.seed_set_size).tolist(), **cluster.stats, "backdoor": False,
+            "reason": reason}
 
 
 ONE_CAPTION_SHARE = 0.5  # at least half of a cluster is one caption string: a one-caption group
@@ -178,6 +181,7 @@ def clusters_verdict(s: Scores, found: list, z: np.ndarray, cfg: ScanConfig, sou
     # the seeds): a pair whose image and caption agree is not a poison, and fewer tests mean a looser cut.
     tested = valid & (s.subset != BENIGN)
     reject, best, p, cut = _significant(scores, valid, tested, cfg, discovery)
+    cut["null_clusters"] = list(range(n_clusters))  # the cluster each of cut's nulls (or estimates) belongs to
     report = []
     backdoor = np.zeros(n_clusters, dtype=bool)
     c_valid = s.c[valid]
@@ -200,6 +204,7 @@ def clusters_verdict(s: Scores, found: list, z: np.ndarray, cfg: ScanConfig, sou
         s.seed_rows = np.concatenate([found[k].seed_rows(cfg.seed_set_size) for k in accepted])
         reject, best_accepted, p, cut = _significant(scores[:, accepted], valid, tested, cfg,
                                                     cfg.threshold_method)
+        cut["null_clusters"] = accepted.tolist()
         best = accepted[best_accepted]
         s.verdict[reject] = V_POISONED
     s.p_value = p

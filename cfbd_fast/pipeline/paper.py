@@ -55,6 +55,7 @@ def paper_verdict(s: Scores, split: coarse.CoarseSplit, cfg: ScanConfig, timer: 
     """Score, threshold and verdict of cfbd-paper and coarse; returns the threshold summary."""
     t0 = time.perf_counter()
     rule = cfg.spec.verdict
+    null = None  # the normal null of the p-values, when the cut is error-controlled
     if rule == "coarse":  # every row that is not confidently benign; c is the ranking
         s.score, thr, estimates = s.c.copy(), float("nan"), {}
         s.verdict[(s.subset == SEED) | (s.subset == SUSPICIOUS)] = V_POISONED
@@ -77,7 +78,7 @@ def paper_verdict(s: Scores, split: coarse.CoarseSplit, cfg: ScanConfig, timer: 
         s.verdict[(s.subset == SUSPICIOUS) & (s.score > thr)] = V_POISONED
     timer.add("verdict", time.perf_counter() - t0)
     return {"value": thr, "method": "given" if cfg.threshold is not None else cfg.threshold_method,
-            "estimates": estimates, "score": cfg.score}
+            "estimates": estimates, "score": cfg.score, **({"null": null} if null else {})}
 
 
 def baseline_verdict(s: Scores, cfg: ScanConfig, timer: Timer) -> dict:
