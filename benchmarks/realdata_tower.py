@@ -113,15 +113,68 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def new_model(spec: TowerSpec, seed: int):
+    """A fresh model (image tower initialised from `seed`, frozen MiniLM text tower), its tokenizer and the
+    evaluation preprocessing."""
+    import open_clip
+    import torch
+
+    cfg = model_config(spec)
+    torch.manual_seed(seed)
+    model = open_clip.CustomTextCLIP(**{**cfg, "text_cfg": {**cfg["text_cfg"], "hf_model_pretrained": True}})
+    model.lock_text_tower()
+    model.logit_scale.data.fill_(float(np.log(spec.logit_scale)))
+    model.text.eval()
+    tokenizer = open_clip.tokenizer.HFTokenizer(str(text_model_dir()), context_length=77)
+    preprocess = open_clip.image_transform(spec.vision['image_size'], is_train=False, mean=MEAN, std=STD)
+    return model, tokenizer, preprocess
+
+
+def fit_image_tower(model, images, targets, bank, spec: TowerSpec, seed: int, progress: bool = True) -> list[float]:
+    """Train `model`'s image tower in place: each image (preprocessed, N x 3 x H x W) against the row `targets` of
+    the frozen caption embeddings `bank` (softmax over all of them), AdamW with warm-up and cosine decay, random
+    shifts drawn from `seed`. Returns the loss of every step; leaves the model in eval mode."""
+    import torch
+
+    from cfbd_fast.progress import progress_bar
+
+    visual = model.visual
+    decay = [p for p in visual.parameters() if p.ndim >= 2]
+    no_decay = [p for p in visual.parameters() if p.ndim < 2] + [model.logit_scale]
+    optimizer = torch.optim.AdamW([dict(params=decay, weight_decay=spec.weight_decay),
+                                   dict(params=no_decay, weight_decay=0.0)], lr=spec.lr)
+    steps_per_epoch = -(-len(images) // spec.batch_size)
+    total = spec.epochs * steps_per_epoch
+    warmup = max(1, total // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min((s + 1) / warmup, 0.5 * (
+        1 + np.cos(np.pi * min(s, total) / total))))
+    generator = torch.Generator().manual_seed(seed)
+    visual.train()
+    losses = []
+    with progress_bar("training image tower", total, enabled=progress, unit="steps") as bar:
+        for _ in range(spec.epochs):
+            for batch in torch.randperm(len(images), generator=generator).split(spec.batch_size):
+                x = _random_shift(images[batch].float(), generator)
+                features = torch.nn.functional.normalize(visual(x), dim=-1)
+                logits = model.logit_scale.exp().clamp(max=100) * features @ bank.T
+                loss = torch.nn.functional.cross_entropy(logits, targets[batch])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                losses.append(loss.detach().item())
+                bar.advance()
+    model.eval()
+    return losses
+
+
 def train_image_tower(cache: Path, spec: TowerSpec | None = None, small: bool = False, seed: int = 0,
                       progress: bool = True) -> Path:
     """Train the image tower on cache/train against the frozen text tower; save cache/model as a `local-dir:` folder.
     Rebuilds only when the model is missing or was trained on other data, spec or seed."""
-    import open_clip
     import torch
     from safetensors.torch import save_file
 
-    from cfbd_fast.progress import progress_bar
     from cfbd_fast.threads import configure_threads
 
     spec = spec or (SMALL_TOWER if small else FULL_TOWER)
@@ -139,13 +192,7 @@ def train_image_tower(cache: Path, spec: TowerSpec | None = None, small: bool = 
     configure_threads()
     start = time.perf_counter()
     cfg = model_config(spec)
-    torch.manual_seed(seed)
-    model = open_clip.CustomTextCLIP(**{**cfg, "text_cfg": {**cfg["text_cfg"], "hf_model_pretrained": True}})
-    model.lock_text_tower()
-    model.logit_scale.data.fill_(float(np.log(spec.logit_scale)))
-    model.text.eval()
-    tokenizer = open_clip.tokenizer.HFTokenizer(str(text_model_dir()), context_length=77)
-    preprocess = open_clip.image_transform(spec.vision['image_size'], is_train=False, mean=MEAN, std=STD)
+    model, tokenizer, preprocess = new_model(spec, seed)
 
     rows = read_labels(train_dir)
     captions = sorted({row["caption"] for row in rows})
@@ -155,34 +202,9 @@ def train_image_tower(cache: Path, spec: TowerSpec | None = None, small: bool = 
     text_seconds = time.perf_counter() - start
     images = load_images(train_dir, preprocess, [row["image"] for row in rows], progress=progress)
     loop_start = time.perf_counter()
-
-    visual = model.visual
-    decay = [p for p in visual.parameters() if p.ndim >= 2]
-    no_decay = [p for p in visual.parameters() if p.ndim < 2] + [model.logit_scale]
-    optimizer = torch.optim.AdamW([dict(params=decay, weight_decay=spec.weight_decay),
-                                   dict(params=no_decay, weight_decay=0.0)], lr=spec.lr)
+    losses = fit_image_tower(model, images, targets, bank, spec, seed, progress=progress)
+    total = len(losses)
     steps_per_epoch = -(-len(rows) // spec.batch_size)
-    total = spec.epochs * steps_per_epoch
-    warmup = max(1, total // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min((s + 1) / warmup, 0.5 * (
-        1 + np.cos(np.pi * min(s, total) / total))))
-    generator = torch.Generator().manual_seed(seed)
-    visual.train()
-    losses = []
-    with progress_bar("training image tower", total, enabled=progress, unit="steps") as bar:
-        for _ in range(spec.epochs):
-            for batch in torch.randperm(len(rows), generator=generator).split(spec.batch_size):
-                x = _random_shift(images[batch].float(), generator)
-                features = torch.nn.functional.normalize(visual(x), dim=-1)
-                logits = model.logit_scale.exp().clamp(max=100) * features @ bank.T
-                loss = torch.nn.functional.cross_entropy(logits, targets[batch])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                schedule.step()
-                losses.append(loss.detach().item())
-                bar.advance()
-    model.eval()
 
     with staging(model_dir) as tmp:
         preprocess_cfg = dict(size=spec.vision['image_size'], mode="RGB", mean=list(MEAN), std=list(STD),
@@ -202,6 +224,20 @@ def train_image_tower(cache: Path, spec: TowerSpec | None = None, small: bool = 
     return model_dir
 
 
+def encode_images(model, images, batch_size: int = 256):
+    """L2-normalised image embeddings of preprocessed images (N x 3 x H x W), in batches."""
+    import torch
+
+    with torch.no_grad():
+        return torch.cat([model.encode_image(x.float(), normalize=True) for x in images.split(batch_size)])
+
+
+def caption_ranks(similarity, truth):
+    """Per image (row of `similarity`, images x captions): how many captions score strictly higher than its true
+    caption `truth[i]` (0 = retrieved first; ties count in its favour)."""
+    return (similarity > similarity.gather(1, truth[:, None])).sum(1)
+
+
 def evaluate_retrieval(model_dir: Path, part_dir: Path, progress: bool = True) -> dict:
     """Image -> caption retrieval over a part's distinct captions, loading the model as any user would
     (`local-dir:`): R@1, R@5, and R@1 split by identities train saw or not."""
@@ -218,9 +254,7 @@ def evaluate_retrieval(model_dir: Path, part_dir: Path, progress: bool = True) -
     truth = torch.tensor([captions.index(row["caption"]) for row in rows])
     text = encode_captions(model, tokenizer, captions, progress=progress)
     images = load_images(part_dir, preprocess, [row["image"] for row in rows], progress=progress)
-    with torch.no_grad():
-        features = torch.cat([model.encode_image(x.float(), normalize=True) for x in images.split(256)])
-    ranks = (features @ text.T > (features * text[truth]).sum(1, keepdim=True)).sum(1)
+    ranks = caption_ranks(encode_images(model, images) @ text.T, truth)
     novel = torch.tensor([row["novel"] == "1" for row in rows])
     return dict(images=len(rows), captions=len(captions), r1=float((ranks < 1).float().mean()),
                 r5=float((ranks < 5).float().mean()), seen_r1=float((ranks[~novel] < 1).float().mean()),
