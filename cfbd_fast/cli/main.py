@@ -90,6 +90,7 @@ def _register() -> None:
     from . import embed as embed_cli
     from . import mapper as mapper_cli
     from . import poison as poison_cli
+    from . import report as report_cli
     from . import scan as scan_cli
     from . import store as store_cli
 
@@ -99,6 +100,8 @@ def _register() -> None:
     app.command("demo")(demo_cli.demo)
     app.command("embed")(embed_cli.embed)
     app.command("poison")(poison_cli.poison)
+    app.command("report")(report_cli.report)
+    app.command("explain")(report_cli.explain)
 
 
 _register()

@@ -86,11 +86,13 @@ def scan(
                                           "unrelated images (boilerplate, or a single-caption backdoor).")] = False,
     threads: Annotated[Optional[int], typer.Option(
         help="CPU threads for torch and numba (default: the free cores).")] = None,
+    report: Annotated[bool, typer.Option("--report", help="Also write report.html (see `cfbd-fast report`).")]
+    = False,
     quiet: Quiet = False,
     json_out: Json = False,
 ) -> None:
     """Scan STORE for backdoored pairs; write scores.parquet, poisoned.txt, keep.txt, keep.parquet, flagged.csv,
-    summary.json."""
+    summary.json (and report.html with --report)."""
     from ..pipeline import json_default, scan as run_scan
     from ..pipeline.publish import check_out_dir
 
@@ -106,6 +108,10 @@ def scan(
     result = run_scan(store, mapper, config=config, labels=labels, progress=not quiet)
     result.write(out_dir)
     result.summary["out"] = str(out_dir)
+    if report:
+        from ..report import build_report
+
+        result.summary["report"] = str(build_report(out_dir))
     for warning in result.summary["warnings"]:
         typer.echo(f"warning: {warning}", err=True)
     if json_out:
@@ -152,5 +158,5 @@ def format_summary(summary: dict) -> str:
     for warning in summary.get("warnings", []):
         lines.append(f"warning: {warning}")
     if "out" in summary:
-        lines.append(f"outputs in {summary['out']}")
+        lines.append(f"outputs in {summary['out']}" + (f"; report {summary['report']}" if "report" in summary else ""))
     return "\n".join(lines)

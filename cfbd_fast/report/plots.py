@@ -1,0 +1,149 @@
+"""The report's figures, drawn with matplotlib's Agg backend and returned as PNG data: URIs."""
+from __future__ import annotations
+
+import base64
+import io
+import math
+
+import numpy as np
+
+from .explain import nulls, score_thresholds
+from .outputs import ScanOutputs
+
+CLEAN, POISON, FLAGGED, BENIGN_REGION = "#4c72b0", "#c44e52", "#dd8452", "#55a868"
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(fig) -> str:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    _pyplot().close(fig)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _normal_pdf(x: np.ndarray, mean: float, var: float) -> np.ndarray:
+    return np.exp(-0.5 * (x - mean) ** 2 / var) / math.sqrt(2 * math.pi * var)
+
+
+def _histogram(ax, values: np.ndarray, groups: list, bins: np.ndarray) -> None:
+    """Stacked histogram of the groups (mask, label, colour) on a log count axis."""
+    data = [values[mask] for mask, _, _ in groups]
+    ax.hist(data, bins=bins, stacked=True, color=[c for _, _, c in groups], label=[lab for _, lab, _ in groups])
+    ax.set_yscale("log")
+    ax.set_ylabel("rows")
+
+
+def _groups(out: ScanOutputs, finite: np.ndarray) -> list:
+    """Colour the rows by ground truth where it is known, else by verdict."""
+    if out.labels is not None:
+        return [(finite & ~out.labels, "clean", CLEAN), (finite & out.labels, "poisoned (ground truth)", POISON)]
+    flagged = out.columns["verdict"] == "poisoned"
+    return [(finite & ~flagged, "not flagged", CLEAN), (finite & flagged, "flagged", FLAGGED)]
+
+
+def consistency_plot(out: ScanOutputs) -> str | None:
+    """Histogram of c with the coarse stage's GMM components and its benign region (SafeCLIP: of s_o)."""
+    gmm = out.summary.get("gmm")
+    name = "s_o" if out.method == "safeclip" else "c"
+    values = out.columns[name]
+    finite = np.isfinite(values)
+    if not finite.any():
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.4), layout="constrained")
+    bins = np.linspace(values[finite].min(), values[finite].max(), 80)
+    _histogram(ax, values, _groups(out, finite), bins)
+    if gmm:
+        x = np.linspace(bins[0], bins[-1], 600)
+        width = bins[1] - bins[0]
+        dens = [w * _normal_pdf(x, m, v) for w, m, v in zip(gmm["weights"], gmm["means"], gmm["variances"])]
+        scale = int(finite.sum()) * width
+        for k, d in enumerate(dens):
+            ax.plot(x, np.maximum(d * scale, 1e-1), color="black", lw=1, ls="--" if k else "-",
+                    label="GMM components" if k == 0 else None)
+        lowest = gmm.get("lowest_component")
+        if lowest is not None:  # the coarse stage's benign region: the lowest component's posterior > gamma
+            posterior = dens[lowest] / np.maximum(np.sum(dens, axis=0), 1e-300)
+            benign = posterior > out.summary["config"]["gamma"]
+            if benign.any():
+                ax.axvspan(x[benign].min(), x[benign].max(), color=BENIGN_REGION, alpha=0.15,
+                           label=f"benign region (posterior > {out.summary['config']['gamma']})")
+    ax.set_ylim(bottom=0.8)
+    ax.set_xlabel("c = s_g - s_o (consistency)" if name == "c" else "s_o = cos(image, caption)")
+    ax.set_title(f"{name}: {'GMM of the coarse stage' if gmm else 'distribution'}", fontsize=10)
+    ax.legend(fontsize=7, loc="upper right")
+    return _png(fig)
+
+
+def score_plot(out: ScanOutputs) -> str | None:
+    """Histogram of the verdict's score, the null it was tested against, and the cut(s)."""
+    values = out.columns["score"]
+    finite = np.isfinite(values)
+    if not finite.any():
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.4), layout="constrained")
+    lo, hi = np.percentile(values[finite], [0, 100])
+    thresholds = {k: v for k, v in score_thresholds(out.summary).items() if np.isfinite(v)}
+    hi = max([hi, *[v * 1.02 for v in thresholds.values()]])
+    bins = np.linspace(lo, hi, 80)
+    _histogram(ax, values, _groups(out, finite), bins)
+    x = np.linspace(lo, hi, 600)
+    n = int(finite.sum())
+    for k, null in nulls(out.summary).items():
+        ax.plot(x, np.maximum(n * (bins[1] - bins[0]) * _normal_pdf(x, null["location"], null["scale"] ** 2), 1e-1),
+                color="black", lw=1, label="null" + (f" (cluster {k})" if k is not None else ""))
+    for k, thr in thresholds.items():
+        ax.axvline(thr, color=POISON, lw=1.2, ls=":",
+                   label=f"cut {thr:.3g}" + (f" (cluster {k})" if k is not None else ""))
+    ax.set_ylim(bottom=0.8)
+    ax.set_xlabel(f"score ({out.summary.get('threshold', {}).get('score', out.method)})")
+    ax.set_title("score, its null and the cut", fontsize=10)
+    ax.legend(fontsize=7, loc="upper right")
+    return _png(fig)
+
+
+def method_scores(out: ScanOutputs) -> dict:
+    """Each method's ranking score present in this scan: higher means more suspicious."""
+    cols = out.columns
+    scores = {f"{out.method} score": cols["score"], "coarse (c)": cols["c"], "cosine (1 - s_o)": 1.0 - cols["s_o"]}
+    if out.method in ("cosine", "coarse"):
+        scores.pop(f"{out.method} score")
+    return {name: s for name, s in scores.items() if np.isfinite(s[out.valid]).any()}
+
+
+def curves_plot(out: ScanOutputs) -> tuple[str | None, dict]:
+    """ROC and precision-recall curves of each method's score against the labels; with the areas."""
+    if out.labels is None:
+        return None, {}
+    truth = out.labels[out.valid]
+    if truth.all() or not truth.any():
+        return None, {}
+    from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_curve
+
+    plt = _pyplot()
+    fig, (roc_ax, pr_ax) = plt.subplots(1, 2, figsize=(9, 3.6), layout="constrained")
+    areas = {}
+    for name, score in method_scores(out).items():
+        s = np.nan_to_num(score[out.valid], nan=-np.inf, neginf=-np.inf)
+        s = np.where(np.isfinite(s), s, np.nanmin(s[np.isfinite(s)]) - 1)
+        fpr, tpr, _ = roc_curve(truth, s)
+        precision, recall, _ = precision_recall_curve(truth, s)
+        areas[name] = {"auroc": float(auc(fpr, tpr)), "auprc": float(average_precision_score(truth, s))}
+        roc_ax.plot(fpr, tpr, label=f"{name} (AUROC {areas[name]['auroc']:.3f})")
+        pr_ax.plot(recall, precision, label=f"{name} (AUPRC {areas[name]['auprc']:.3f})")
+    roc_ax.set_xscale("symlog", linthresh=1e-3)
+    roc_ax.set(xlabel="false-positive rate (symlog)", ylabel="true-positive rate", title="ROC", ylim=(0, 1.02))
+    pr_ax.set(xlabel="recall", ylabel="precision", title="precision-recall", ylim=(0, 1.02))
+    for ax in (roc_ax, pr_ax):
+        ax.legend(fontsize=7, loc="lower right" if ax is roc_ax else "lower left")
+        ax.title.set_fontsize(10)
+    return _png(fig), areas
