@@ -5,6 +5,7 @@ Choices and their help come from `cfbd_fast.pipeline.options`; the options are c
 from __future__ import annotations
 
 import json
+import os
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -33,7 +34,7 @@ ThresholdMethod = _choices("ThresholdMethod", THRESHOLD_METHODS)
 
 
 def scan(
-    store: Annotated[Path, typer.Argument(help="A NAME.cfbd store directory.")],
+    store: Annotated[Optional[Path], typer.Argument(help="A NAME.cfbd store directory (or give --shards).")] = None,
     mapper: Annotated[Optional[str], typer.Option(
         help="Mapping network F: a file from `cfbd-fast train-mapper`, 'self' (fitted on this store) or 'knn'.")]
     = None,
@@ -88,6 +89,15 @@ def scan(
         help="CPU threads for torch and numba (default: the free cores).")] = None,
     report: Annotated[bool, typer.Option("--report", help="Also write report.html (see `cfbd-fast report`).")]
     = False,
+    shards: Annotated[Optional[str], typer.Option(
+        help="Shard stores scanned as one dataset, in sorted order: a quoted glob such as 'parts/*.cfbd'; under "
+             "torchrun they are assigned to the ranks round-robin.")] = None,
+    distributed: Annotated[Optional[bool], typer.Option(
+        "--distributed/--no-distributed", help="Run as one rank of torch.distributed (torchrun --nproc-per-node N): "
+                                               "each rank scans its rows.", show_default="when torchrun started it")]
+    = None,
+    timeout: Annotated[float, typer.Option(help="Seconds a rank waits for the others before the run fails.")]
+    = 1800.0,
     quiet: Quiet = False,
     json_out: Json = False,
 ) -> None:
@@ -104,6 +114,13 @@ def scan(
         chunk_rows=chunk_rows, device=device.value, random_seed=random_seed,
         knn_neighbours=knn_neighbours, min_cluster=min_cluster, max_clusters=max_clusters,
         test_one_caption_groups=test_one_caption_groups, threads=threads).validated()
+    if shards is not None or distributed or (distributed is None and _ranks_launched()):
+        from ._distributed import scan_ranks
+
+        return scan_ranks(store, shards, mapper, config, out=out, force=force, labels=labels,
+                          distributed=distributed, timeout=timeout, quiet=quiet, json_out=json_out)
+    if store is None:
+        raise typer.BadParameter("give a STORE, or shard stores with --shards")
     out_dir = check_out_dir(out or store.with_name(store.name.removesuffix(".cfbd") + ".scan"), force=force)
     result = run_scan(store, mapper, config=config, labels=labels, progress=not quiet)
     result.write(out_dir)
@@ -118,6 +135,12 @@ def scan(
         typer.echo(json.dumps(result.summary, indent=2, default=json_default))
     else:
         typer.echo(format_summary(result.summary))
+
+
+def _ranks_launched() -> bool:
+    from ..distributed.comm import launched
+
+    return launched() and int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def format_summary(summary: dict) -> str:

@@ -49,7 +49,11 @@ def mixture(score: np.ndarray, seed: int = 0) -> float:
     s = score[np.isfinite(score)]
     if len(s) < 2 or np.ptp(s) == 0:
         return float("nan")
-    gmm = fit_gmm(s, k=2, seed=seed)
+    return mixture_cut(fit_gmm(s, k=2, seed=seed), float(s.max()))
+
+
+def mixture_cut(gmm, score_max: float) -> float:
+    """Where a fitted 2-component mixture's upper component starts to win (`score_max` if it never does)."""
     lo, up = int(np.argmin(gmm.means)), int(np.argmax(gmm.means))
     w, m, v = gmm.weights, gmm.means, gmm.variances
     # log(w_up N(x; up)) - log(w_lo N(x; lo)) = a x^2 + b x + c: the posterior of `up` is 0.5 at its roots
@@ -62,7 +66,7 @@ def mixture(score: np.ndarray, seed: int = 0) -> float:
         disc = b * b - 4 * a * c
         roots = [] if disc < 0 else [(-b - np.sqrt(disc)) / (2 * a), (-b + np.sqrt(disc)) / (2 * a)]
     rising = [r for r in roots if r >= m[lo] and 2 * a * r + b > 0]  # where `up` starts to win
-    return float(min(rising)) if rising else float(s.max())
+    return float(min(rising)) if rising else score_max
 
 
 _ESTIMATE = {

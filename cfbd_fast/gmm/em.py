@@ -179,8 +179,10 @@ def _m_step(resp_sum, shifted_sum, shifted_sq_sum, means, reg_covar):
     return nk / nk.sum(), new_means, variances
 
 
-def _run_em(values, table, weights, means, variances, reg_covar, max_iter, tol, em_pass=_kernels.em_pass):
-    n = values.shape[0]
+def _run_em(values, table, weights, means, variances, reg_covar, max_iter, tol, em_pass=_kernels.em_pass,
+            n=None):
+    """EM from the given parameters; `em_pass` may sum over more values than `values` (then `n` counts them)."""
+    n = values.shape[0] if n is None else n
     lower_bound = -np.inf
     converged = False
     n_iter = 0
@@ -197,12 +199,19 @@ def _run_em(values, table, weights, means, variances, reg_covar, max_iter, tol, 
 
 def _kmeans_init(values, table, k, seed, reg_covar, max_iter, tol):
     """k-means++ / Lloyd on a sorted sample (all of x if small), hard-assignment parameters, then EM on the sample."""
-    n = values.shape[0]
     rng = np.random.default_rng(seed)
-    # A systematic sample (every stride-th value from a random offset) covers sorted or grouped input evenly.
+    sample = _kernels.gather(values, table, _init_indices(values.shape[0], rng))
+    return _init_from_sample(sample, rng, k, reg_covar, max_iter, tol)
+
+
+def _init_indices(n: int, rng: np.random.Generator) -> np.ndarray:
+    """A systematic sample (every stride-th value from a random offset): covers sorted or grouped input evenly."""
     stride = max(n // INIT_SAMPLE, 1)
-    indices = np.arange(int(rng.integers(stride)), n, stride)[:INIT_SAMPLE]
-    sample = _kernels.gather(values, table, indices)
+    return np.arange(int(rng.integers(stride)), n, stride)[:INIT_SAMPLE]
+
+
+def _init_from_sample(sample, rng, k, reg_covar, max_iter, tol):
+    """k-means++ / Lloyd on the sample (float64; sorted here), hard-assignment parameters, then EM on it."""
     sample.sort()
     prefix = np.concatenate(([0.0], np.cumsum(sample)))
     seeding = sample[::max(sample.shape[0] // KMEANS_SEEDING_SAMPLE, 1)]  # Lloyd then runs on the whole sample
