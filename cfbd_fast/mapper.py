@@ -54,8 +54,17 @@ class MLPMapper(nn.Module):
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         weight = self.layers[0].weight
-        x = torch_f.normalize(image.to(weight.device, weight.dtype), dim=-1)
+        # normalised in float32, then the matmuls in the weights' dtype (fp16/bf16 accumulate in float32 on CUDA)
+        x = torch_f.normalize(image.to(weight.device, torch.float32), dim=-1).to(weight.dtype)
         return self.layers(x).float()
+
+    def with_precision(self, dtype: torch.dtype) -> "MLPMapper":
+        """This mapper with its weights in `dtype` (a copy when the dtype changes): half-precision matmuls."""
+        if self.layers[0].weight.dtype == dtype:
+            return self
+        import copy
+
+        return copy.deepcopy(self).to(dtype=dtype)
 
     @torch.inference_mode()
     def map(self, image: torch.Tensor, rows: np.ndarray | None = None) -> torch.Tensor:

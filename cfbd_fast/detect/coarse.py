@@ -28,13 +28,23 @@ class CoarseSplit:
 
 
 def coarse_split(c: np.ndarray, valid: np.ndarray, *, k: int = 5, gamma: float = 0.9, seed: int = 0,
-                 max_iter: int = 200, tol: float = 1e-3) -> CoarseSplit:
-    """Fit the GMM on the valid consistency scores; rows whose lowest-mean posterior exceeds `gamma` are benign."""
+                 max_iter: int = 200, tol: float = 1e-3, device: str = "cpu") -> CoarseSplit:
+    """Fit the GMM on the valid consistency scores; rows whose lowest-mean posterior exceeds `gamma` are benign.
+
+    On a CUDA device the EM passes and the posteriors run there in torch (`gmm.device`), not in numba.
+    """
     values = c[valid]
-    gmm = fit_gmm(values, k=k, seed=seed, max_iter=max_iter, tol=tol)
-    lowest = int(np.argmin(gmm.means))
     posterior = np.full(len(c), np.nan, dtype=np.float32)
-    posterior[valid] = gmm.posterior(values, lowest)
+    if str(device).startswith("cuda"):
+        from ..gmm.device import fit_gmm_device, posterior_on_device
+
+        gmm = fit_gmm_device(values, k=k, seed=seed, max_iter=max_iter, tol=tol, device=device)
+        lowest = int(np.argmin(gmm.means))
+        posterior[valid] = posterior_on_device(gmm, values, lowest, device)
+    else:
+        gmm = fit_gmm(values, k=k, seed=seed, max_iter=max_iter, tol=tol)
+        lowest = int(np.argmin(gmm.means))
+        posterior[valid] = gmm.posterior(values, lowest)
     benign = np.zeros(len(c), dtype=bool)
     benign[valid] = posterior[valid] > gamma
     return CoarseSplit(posterior=posterior, benign=benign, gmm=gmm, lowest=lowest)

@@ -5,6 +5,7 @@ partial sums per chunk and reduce them in chunk order, so one thread and many th
 """
 from __future__ import annotations
 
+import numba
 import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
@@ -181,18 +182,27 @@ def _em_pass(x, half_table, log_coef, half_prec, means):
     return resp_sum, s1, s2, ll
 
 
-em_pass = njit(parallel=True, fastmath=_FAST)(_em_pass)
+em_pass_parallel = njit(parallel=True, fastmath=_FAST)(_em_pass)
 # The same pass on one thread, cached: k-means initialisation runs EM on a small sample, where threads cost more
-# than they save. Which of the two runs never depends on the thread count.
+# than they save. Which of the two runs there never depends on the thread count.
 em_pass_serial = njit(fastmath=_FAST, cache=True)(_em_pass)
+
+
+def em_pass(x, half_table, log_coef, half_prec, means):
+    """The fused pass: the parallel kernel when numba may use several threads, else the cached serial one.
+
+    A parallel kernel cannot be cached (numba issue 7522), so each new process compiles it (seconds); with one
+    thread it would gain nothing, and the serial kernel loads from the cache instead. Both reduce in chunk order.
+    """
+    kernel = em_pass_parallel if numba.get_num_threads() > 1 else em_pass_serial
+    return kernel(x, half_table, log_coef, half_prec, means)
 
 
 # What `evaluate` writes per sample.
 LOG_LIKELIHOOD, POSTERIOR, PROBA = 0, 1, 2
 
 
-@njit(parallel=True, fastmath=_FAST)
-def evaluate(x, half_table, log_coef, half_prec, means, what, component, out):
+def _evaluate(x, half_table, log_coef, half_prec, means, what, component, out):
     """Per-sample results of a fitted mixture into `out` (n, m): LOG_LIKELIHOOD: out[i, 0] = log p(x_i);
     POSTERIOR: out[i, 0] = p(component | x_i); PROBA: out[i, c] = p(c | x_i) for every component."""
     n = x.shape[0]
@@ -216,6 +226,16 @@ def evaluate(x, half_table, log_coef, half_prec, means, what, component, out):
                 else:
                     for c in range(k):
                         out[start + j, c] = joint[c, j]
+
+
+evaluate_parallel = njit(parallel=True, fastmath=_FAST)(_evaluate)
+evaluate_serial = njit(fastmath=_FAST, cache=True)(_evaluate)
+
+
+def evaluate(x, half_table, log_coef, half_prec, means, what, component, out):
+    """Per-sample results of a fitted mixture (see `_evaluate`): parallel or cached serial, as `em_pass`."""
+    kernel = evaluate_parallel if numba.get_num_threads() > 1 else evaluate_serial
+    kernel(x, half_table, log_coef, half_prec, means, what, component, out)
 
 
 @njit(cache=True)

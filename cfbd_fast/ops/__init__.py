@@ -46,13 +46,15 @@ def invalid_rows(x):
     return to_output(_INVALID_ROWS[choose_impl(tensor.device)](tensor), returns_numpy(x))
 
 
-def seed_correlation(text, seeds, reduce: str = "mean", topk: int | None = None):
+def seed_correlation(text, seeds, reduce: str = "mean", topk: int | None = None, *, check_seeds: bool = True):
     """Correlation of every caption with a seed set: float32 z of shape (N,).
 
     `text` is (N, D), `seeds` is (q, D) with q small; both fp16/bf16/fp32. `reduce="mean"` gives the mean cosine with
     the seeds (computed as the dot with the mean of the unit seeds over the row norm: equal to the N x q average),
     `"max"` the largest cosine and `"topk"` the mean of the `topk` largest. Invalid rows of `text` give NaN; an invalid
-    seed row raises. The Triton path rounds the seeds to the text's dtype for max/topk.
+    seed row raises. The Triton path rounds the seeds to the text's dtype for max/topk. `check_seeds=False` skips
+    that check (and the device synchronisation it costs), for callers that checked the seeds once with
+    `invalid_rows` before calling per chunk.
     """
     text_tensor = as_tensor(text, "text")
     seeds_tensor = as_tensor(seeds, "seeds").to(text_tensor.device)
@@ -60,7 +62,7 @@ def seed_correlation(text, seeds, reduce: str = "mean", topk: int | None = None)
         raise InputError(f"seeds must be (q >= 1, {text_tensor.shape[1]}) to match text, got "
                          f"{tuple(seeds_tensor.shape)}")
     check_reduction(reduce, topk, seeds_tensor.shape[0])
-    bad_seeds = int(invalid_rows_ref(seeds_tensor).sum())
+    bad_seeds = int(invalid_rows_ref(seeds_tensor).sum()) if check_seeds else 0
     if bad_seeds:
         raise InputError(f"{bad_seeds} of {seeds_tensor.shape[0]} seed rows have zero norm or NaN/inf; drop them "
                          "(cfbd_fast.ops.invalid_rows(seeds) marks them)")

@@ -87,7 +87,7 @@ def scan(store, mapper=None, *, config: ScanConfig | None = None, labels: str | 
         raise InputError("mapper must be a path, 'self', 'knn' or an object with .map(image, rows)")
     threads = configure_threads(cfg.threads)
     t_start = time.perf_counter()
-    timer = passes.Timer(cfg.device)
+    timer = passes.Timer(cfg.device, cfg.timings)
     source = ChunkSource(store)
     if cfg.spec.needs_mapper and cfg.seed_set_size > source.rows:
         raise InputError(f"seed_set_size (--seed-set-size) {cfg.seed_set_size} is larger than the store "
@@ -101,6 +101,7 @@ def scan(store, mapper=None, *, config: ScanConfig | None = None, labels: str | 
         mapper, mapper_fp = mapping.resolve_mapper(mapper, source, cfg, progress)
         if hasattr(mapper, "to"):
             mapper = mapper.to(torch.device(cfg.device))
+        mapper = mapping.with_precision(mapper, cfg)
         timer.add("mapper_fit", time.perf_counter() - t0)
 
     s = passes.consistency_pass(source, mapper, cfg, timer, progress)

@@ -47,6 +47,18 @@ def resolve_mapper(mapper, source: ChunkSource, cfg: ScanConfig, progress: bool)
     return mapper, "object:" + text_digest(getattr(mapper, "config", {}))
 
 
+def with_precision(mapper, cfg: ScanConfig):
+    """The mapper with its matmuls in --mapper-precision (auto: fp16 on CUDA, fp32 on the CPU); mappers other
+    than an MLP keep theirs."""
+    import torch
+
+    name = cfg.mapper_precision
+    if name == "auto":
+        name = "fp16" if cfg.device.startswith("cuda") else "fp32"
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+    return mapper.with_precision(dtype) if hasattr(mapper, "with_precision") else mapper
+
+
 @dataclass
 class Reference:
     """Random valid rows that stand for "unrelated pairs": caption/image coherence, the mapper's fit."""

@@ -65,6 +65,8 @@ THRESHOLD_METHODS = {
     "null-quantile": "the (1 - fpr) quantile over the coarse benign subset",
     "mixture": "where a 2-component GMM on the score turns to its upper component",
 }
+MAPPER_PRECISIONS = {"auto": "fp16 on CUDA, fp32 on the CPU", "fp32": "float32 matmuls",
+                     "fp16": "float16 matmuls with float32 accumulation", "bf16": "bfloat16 matmuls"}
 DEVICES = {"cpu": "the CPU path (numba row passes and torch blocks over threads)",
            "cuda": "the Triton kernels on a CUDA device"}
 
@@ -100,6 +102,10 @@ class ScanConfig:
     test_one_caption_groups: bool = False  # also test clusters that are mostly one caption string
     chunk_rows: int = 16384  # rows streamed at a time: the working set, with the mapper's activations
     device: str = "cpu"
+    timings: bool = False  # per-stage times: synchronise the device after every stage (slower on CUDA)
+    device_memory_share: float | None = None  # caption matrix kept on the device if it fits; None: CUDA 0.5, CPU 0
+    mapper_precision: str = "auto"  # matmul precision of an MLP mapper (see MAPPER_PRECISIONS)
+    stage_chunks: bool | None = None  # chunks through double-buffered staging (None: on CUDA only)
     random_seed: int = 0
     threads: int | None = None  # torch/numba threads; None: from the available cores and the machine's load
     self_sample: int = 100_000
@@ -139,6 +145,11 @@ class ScanConfig:
         _choice("reduce", out.reduce, REDUCTIONS)
         _choice("threshold_method", out.threshold_method, THRESHOLD_METHODS)
         _choice("device", out.device.split(":")[0], DEVICES)
+        _choice("mapper_precision", out.mapper_precision, MAPPER_PRECISIONS)
+        if out.device_memory_share is not None and (isinstance(out.device_memory_share, bool) or not isinstance(
+                out.device_memory_share, (int, float)) or not 0.0 <= out.device_memory_share <= 1.0):
+            raise InputError(f"{option_name('device_memory_share')} must be between 0 and 1, "
+                             f"got {out.device_memory_share!r}")
         _at_least("components", out.components, 1)
         _at_least("seed_set_size", out.seed_set_size, 1)
         _at_least("topk", out.topk, 1)

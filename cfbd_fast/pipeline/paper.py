@@ -22,7 +22,8 @@ def coarse_stage(s: Scores, cfg: ScanConfig, source: ChunkSource, timer: Timer) 
     n_valid = int(s.valid.sum())
     if n_valid < cfg.components:
         raise InputError(f"{source.path}: {n_valid} valid rows is fewer than --components {cfg.components}")
-    split = coarse.coarse_split(s.c, s.valid, k=cfg.components, gamma=cfg.gamma, seed=cfg.random_seed)
+    split = coarse.coarse_split(s.c, s.valid, k=cfg.components, gamma=cfg.gamma, seed=cfg.random_seed,
+                                device=cfg.device)
     s.posterior = split.posterior
     s.subset[s.valid & split.benign] = BENIGN
     s.summary["gmm"] = split.gmm_summary()
