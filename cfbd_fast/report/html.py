@@ -136,13 +136,16 @@ def _cut_text(s: dict) -> str:
 
 
 def _plots(out: ScanOutputs) -> str:
-    figures = [plots.consistency_plot(out), plots.score_plot(out)]
+    name = ("s_o with SafeCLIP's GMM" if out.method == "safeclip" else
+            "c with the GMM components and the benign region")
+    figures = [(plots.consistency_plot(out), f"histogram of {name}"),
+               (plots.score_plot(out), "histogram of the score with its null and the cut")]
     parts = ["<h2>Distributions</h2><div class=grid>"]
-    parts += [_img(f, "plot", "distribution plot") for f in figures if f]
+    parts += [_img(f, "plot", alt) for f, alt in figures if f]
     parts.append("</div>")
     curves, areas = plots.curves_plot(out)
     if curves:
-        parts.append("<h2>Ranking quality per method (ROC, precision-recall)</h2>" + _img(curves, "plot", "curves"))
+        parts.append("<h2>Ranking quality per method (ROC, precision-recall)</h2>" + _img(curves, "plot", "ROC and precision-recall curves"))
         parts.append('<p class=small>Each curve ranks the valid rows by one score of this scan: the method\'s own, '
                      "the coarse consistency c, and the cosine baseline 1 - s_o.</p>")
     elif out.labels is None:

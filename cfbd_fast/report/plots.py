@@ -10,6 +10,7 @@ import numpy as np
 from .explain import nulls, score_thresholds
 from .outputs import ScanOutputs
 
+MARGINS = {"left": 0.11, "right": 0.98, "bottom": 0.15, "top": 0.91}  # fixed: a layout engine costs more than drawing
 CLEAN, POISON, FLAGGED, BENIGN_REGION = "#4c72b0", "#c44e52", "#dd8452", "#55a868"
 
 
@@ -58,7 +59,8 @@ def consistency_plot(out: ScanOutputs) -> str | None:
     if not finite.any():
         return None
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3.4), layout="constrained")
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    fig.subplots_adjust(**MARGINS)
     bins = np.linspace(values[finite].min(), values[finite].max(), 80)
     _histogram(ax, values, _groups(out, finite), bins)
     if gmm:
@@ -90,7 +92,8 @@ def score_plot(out: ScanOutputs) -> str | None:
     if not finite.any():
         return None
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3.4), layout="constrained")
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    fig.subplots_adjust(**MARGINS)
     lo, hi = np.percentile(values[finite], [0, 100])
     thresholds = {k: v for k, v in score_thresholds(out.summary).items() if np.isfinite(v)}
     hi = max([hi, *[v * 1.02 for v in thresholds.values()]])
@@ -130,7 +133,8 @@ def curves_plot(out: ScanOutputs) -> tuple[str | None, dict]:
     from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_curve
 
     plt = _pyplot()
-    fig, (roc_ax, pr_ax) = plt.subplots(1, 2, figsize=(9, 3.6), layout="constrained")
+    fig, (roc_ax, pr_ax) = plt.subplots(1, 2, figsize=(9, 3.6))
+    fig.subplots_adjust(**MARGINS, wspace=0.25)
     areas = {}
     for name, score in method_scores(out).items():
         s = np.nan_to_num(score[out.valid], nan=-np.inf, neginf=-np.inf)
