@@ -85,8 +85,8 @@ def _thumbs(out: ScanOutputs, rows, limit: int) -> str:
 
 def page(out: ScanOutputs, max_rows: int = 100, thumbs_per_cluster: int = 16) -> str:
     s = out.summary
-    sections = [_overview(out), _plots(out), _clusters(out, thumbs_per_cluster), _flagged(out, max_rows),
-                _timings(s)]
+    tested, aside = _clusters(out, thumbs_per_cluster)
+    sections = [_overview(out), _plots(out), tested, _flagged(out, max_rows), aside, _timings(s)]
     title = f"cfbd-fast report: {s['config']['method']} scan of {s['store'].get('path', '')}"
     return (f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>{escape(title)}</title>"
             f"<style>{CSS}</style></head><body><main><h1>{escape(title)}</h1>{''.join(sections)}</main>"
@@ -112,6 +112,8 @@ def _overview(out: ScanOutputs) -> str:
             ("embedding model", escape(f"{store.get('model')} ({store.get('pretrained')})")),
             ("fingerprint", escape(str(store.get("fingerprint")))), ("mapper", escape(str(s.get("mapper")))),
             ("method", escape(cfg["method"])), ("threshold", escape(_cut_text(s))),
+            ("scan time", f"{s['timings_s']['total']:.1f} s ({_num(s.get('rows_per_s'), 3)} rows/s) on "
+                          f"{escape(str(s.get('device')))}"),
             ("labels", "store's is_poisoned column" if out.labels is not None and not cfg.get("labels") else
              escape(str(cfg.get("labels") or "none")))]
     parts.append(_table([], info))
@@ -143,9 +145,10 @@ def _plots(out: ScanOutputs) -> str:
     parts = ["<h2>Distributions</h2><div class=grid>"]
     parts += [_img(f, "plot", alt) for f, alt in figures if f]
     parts.append("</div>")
-    curves, areas = plots.curves_plot(out)
+    curves = plots.curves_plot(out)
     if curves:
-        parts.append("<h2>Ranking quality per method (ROC, precision-recall)</h2>" + _img(curves, "plot", "ROC and precision-recall curves"))
+        parts.append("<h2>Ranking quality per method (ROC, precision-recall)</h2>"
+                     + _img(curves, "plot", "ROC and precision-recall curves"))
         parts.append('<p class=small>Each curve ranks the valid rows by one score of this scan: the method\'s own, '
                      "the coarse consistency c, and the cosine baseline 1 - s_o.</p>")
     elif out.labels is None:
@@ -154,45 +157,53 @@ def _plots(out: ScanOutputs) -> str:
     return "".join(parts)
 
 
-def _clusters(out: ScanOutputs, limit: int) -> str:
+def _clusters(out: ScanOutputs, limit: int) -> tuple[str, str]:
+    """The sections of the caption clusters tested (or of cfbd-paper's seed set) and of those set aside."""
     s = out.summary
     tested, aside = s.get("clusters"), s.get("clusters_set_aside", [])
     if tested is None:
         seeds = s.get("seeds", {}).get("rows", [])
         if not seeds:
-            return ""
+            return "", ""
         return (f"<h2>Seed set</h2><p class=small>{len(seeds)} rows with the largest c: the paper's poisoned seed "
                 f"set, whose captions every row's z is measured against.</p>" + _captions(out, seeds)
-                + _thumbs(out, seeds, limit))
-    parts = [f"<h2>Caption clusters ({len(tested)} tested, {len(aside)} set aside)</h2>"]
-    if not tested and not aside:
-        parts.append(f"<p>{escape(s.get('cluster', {}).get('reason', 'no caption cluster'))}</p>")
-    thresholds = score_thresholds(s)
+                + _thumbs(out, seeds, limit)), ""
+    head = f"<h2>Caption clusters tested ({len(tested)})</h2>"
+    if not tested:
+        head += f"<p>{escape(s.get('cluster', {}).get('reason', 'no caption cluster'))}</p>"
+    aside_head = (f"<h2>Caption clusters set aside ({len(aside)})</h2><p class=small>Clusters of the seed pool not "
+                  "tested as backdoors, each with the reason.</p>") if aside else ""
+    return (head + "".join(_cluster(out, entry, limit) for entry in tested),
+            aside_head + "".join(_cluster(out, entry, limit // 2) for entry in aside))
+
+
+def _cluster(out: ScanOutputs, entry: dict, limit: int) -> str:
+    """One cluster: its verdict and reason, statistics, seed captions and images, and the rows flagged for it."""
+    thresholds = score_thresholds(out.summary)
     flagged = out.columns["verdict"] == "poisoned"
-    for entry in tested + aside:
-        k = entry.get("cluster")
-        tag = ("backdoor", "BACKDOOR") if entry["backdoor"] else \
-            ("clean", "not a backdoor") if k is not None else ("aside", "set aside")
-        head = f"Cluster {k}" if k is not None else "Cluster set aside"
-        stats = [(label, _num(entry.get(key))) for key, label in CLUSTER_STATS if key in entry]
-        if k is not None and k in thresholds:
-            stats.append(("cut on the score", _num(thresholds[k])))
-        parts.append(f'<div class=cluster><h3>{head}: {escape(repr(entry["caption"]))}'
-                     f'<span class="tag {tag[0]}">{tag[1]}</span></h3><p>{escape(entry["reason"])}</p>'
-                     + _table([lab for lab, _ in stats], [[v for _, v in stats]], set(range(len(stats)))))
-        seeds = entry.get("seed_rows", [])
-        if seeds:
-            parts.append(f"<p class=small>Its {len(seeds)} seed rows' captions:</p>" + _captions(out, seeds)
-                         + _thumbs(out, seeds, limit))
-        if k is not None:
-            mine = np.flatnonzero(flagged & (out.columns["cluster"] == k))
-            if len(mine):
-                mine = mine[np.argsort(-out.columns["score"][mine], kind="stable")]
-                thumbs = _thumbs(out, mine, limit)
-                shown = f" (the images of the first {limit})" if thumbs and len(mine) > limit else ""
-                parts.append(f"<p class=small>{len(mine):,} rows flagged for it{shown}; their captions:</p>"
-                             + _captions(out, mine) + thumbs)
-        parts.append("</div>")
+    k = entry.get("cluster")
+    tag = ("backdoor", "BACKDOOR") if entry["backdoor"] else \
+        ("clean", "not a backdoor") if k is not None else ("aside", "set aside")
+    head = f"Cluster {k}" if k is not None else "Cluster set aside"
+    stats = [(label, _num(entry.get(key))) for key, label in CLUSTER_STATS if key in entry]
+    if k is not None and k in thresholds:
+        stats.append(("cut on the score", _num(thresholds[k])))
+    parts = [f'<div class=cluster><h3>{head}: {escape(repr(entry["caption"]))}'
+             f'<span class="tag {tag[0]}">{tag[1]}</span></h3><p>{escape(entry["reason"])}</p>'
+             + _table([lab for lab, _ in stats], [[v for _, v in stats]], set(range(len(stats))))]
+    seeds = entry.get("seed_rows", [])
+    if seeds:
+        parts.append(f"<p class=small>Its {len(seeds)} seed rows' captions:</p>" + _captions(out, seeds)
+                     + _thumbs(out, seeds, limit))
+    if k is not None:
+        mine = np.flatnonzero(flagged & (out.columns["cluster"] == k))
+        if len(mine):
+            mine = mine[np.argsort(-out.columns["score"][mine], kind="stable")]
+            thumbs = _thumbs(out, mine, limit)
+            shown = f" (the images of the first {limit})" if thumbs and len(mine) > limit else ""
+            parts.append(f"<p class=small>{len(mine):,} rows flagged for it{shown}; their captions:</p>"
+                         + _captions(out, mine) + thumbs)
+    parts.append("</div>")
     return "".join(parts)
 
 

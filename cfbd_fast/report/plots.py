@@ -123,31 +123,29 @@ def method_scores(out: ScanOutputs) -> dict:
     return {name: s for name, s in scores.items() if np.isfinite(s[out.valid]).any()}
 
 
-def curves_plot(out: ScanOutputs) -> tuple[str | None, dict]:
-    """ROC and precision-recall curves of each method's score against the labels; with the areas."""
+def curves_plot(out: ScanOutputs) -> str | None:
+    """ROC and precision-recall curves of each method's score against the labels, the areas in the legends."""
     if out.labels is None:
-        return None, {}
+        return None
     truth = out.labels[out.valid]
     if truth.all() or not truth.any():
-        return None, {}
+        return None
     from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_curve
 
     plt = _pyplot()
     fig, (roc_ax, pr_ax) = plt.subplots(1, 2, figsize=(9, 3.6))
     fig.subplots_adjust(**MARGINS, wspace=0.25)
-    areas = {}
     for name, score in method_scores(out).items():
-        s = np.nan_to_num(score[out.valid], nan=-np.inf, neginf=-np.inf)
-        s = np.where(np.isfinite(s), s, np.nanmin(s[np.isfinite(s)]) - 1)
+        s = score[out.valid]
+        s = np.where(np.isfinite(s), s, np.min(s[np.isfinite(s)]) - 1)  # unscored rows rank last
         fpr, tpr, _ = roc_curve(truth, s)
         precision, recall, _ = precision_recall_curve(truth, s)
-        areas[name] = {"auroc": float(auc(fpr, tpr)), "auprc": float(average_precision_score(truth, s))}
-        roc_ax.plot(fpr, tpr, label=f"{name} (AUROC {areas[name]['auroc']:.3f})")
-        pr_ax.plot(recall, precision, label=f"{name} (AUPRC {areas[name]['auprc']:.3f})")
+        roc_ax.plot(fpr, tpr, label=f"{name} (AUROC {auc(fpr, tpr):.3f})")
+        pr_ax.plot(recall, precision, label=f"{name} (AUPRC {average_precision_score(truth, s):.3f})")
     roc_ax.set_xscale("symlog", linthresh=1e-3)
     roc_ax.set(xlabel="false-positive rate (symlog)", ylabel="true-positive rate", title="ROC", ylim=(0, 1.02))
     pr_ax.set(xlabel="recall", ylabel="precision", title="precision-recall", ylim=(0, 1.02))
     for ax in (roc_ax, pr_ax):
         ax.legend(fontsize=7, loc="lower right" if ax is roc_ax else "lower left")
         ax.title.set_fontsize(10)
-    return _png(fig), areas
+    return _png(fig)
