@@ -87,6 +87,9 @@ def case_store(name: str, clean_csv: Path, clean_store: Path, model_dir: Path, w
     truth = np.zeros(len(base), dtype=bool)
     truth[rows] = True
     meta["caption"] = [row["caption"] for row in table]
+    if "source" in meta:  # the changed rows' images are the poisoned copies (thumbnails in `cfbd-fast report`)
+        for r in rows:
+            meta["source"][r] = str((pdir / table[r]["image"]).resolve())
     meta["is_poisoned"] = truth.tolist()
     EmbeddingStore.from_arrays(out, image=image, text=text, meta=pa.table(meta), model=base.model,
                                pretrained=base.pretrained, normalized=True).close()

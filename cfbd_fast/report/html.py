@@ -26,12 +26,12 @@ td.num{text-align:right;font-variant-numeric:tabular-nums}
 .thumbs{display:flex;flex-wrap:wrap;gap:6px}.thumbs figure{margin:0;width:100px;font-size:10.5px}
 .thumbs figcaption{overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
 img.thumb{width:96px;height:96px;object-fit:contain;background:#eee;border:1px solid #ccc;display:block}
-img.thumb.poison{border:2px solid #c44e52}
+img.thumb.poison{border:2px solid #c44e52}img.thumb.small{width:64px;height:64px}
 .cluster{background:#fff;border:1px solid #ddd;border-radius:6px;padding:4px 14px 10px;margin:10px 0}
 .tag{display:inline-block;padding:1px 7px;border-radius:9px;font-size:12px;color:#fff;margin-left:6px}
 .tag.backdoor{background:#c44e52}.tag.clean{background:#55a868}.tag.aside{background:#8c8c8c}
 .bar{display:inline-block;height:9px;background:#4c72b0;vertical-align:middle}
-.small{font-size:12px;color:#555}ol.seeds{margin:0;padding-left:16px}
+.small{font-size:12px;color:#555}ol.seeds{margin:0;padding-left:16px;min-width:240px}
 """
 
 CLUSTER_STATS = (("size", "seed-pool rows"), ("significant_rows", "rows significant for it"),
@@ -173,7 +173,7 @@ def _clusters(out: ScanOutputs, limit: int) -> tuple[str, str]:
         head += f"<p>{escape(s.get('cluster', {}).get('reason', 'no caption cluster'))}</p>"
     aside_head = (f"<h2>Caption clusters set aside ({len(aside)})</h2><p class=small>Clusters of the seed pool not "
                   "tested as backdoors, each with the reason.</p>") if aside else ""
-    return (head + "".join(_cluster(out, entry, limit) for entry in tested),
+    return (head + "".join(_cluster(out, entry, limit if entry["backdoor"] else limit // 2) for entry in tested),
             aside_head + "".join(_cluster(out, entry, limit // 2) for entry in aside))
 
 
@@ -231,7 +231,7 @@ def _flagged(out: ScanOutputs, max_rows: int) -> str:
     table_rows = []
     for i, (row, e) in enumerate(zip(shown, explained)):
         uri = out.thumbnail(row, size=64)
-        image = _img(uri, "thumb", str(e["key"])) if uri else ""
+        image = _img(uri, "thumb", str(e["key"]), "small") if uri else ""
         seeds = "".join(f"<li>{escape(str(n['caption']))} <span class=small>{n['cosine']:.3f}</span></li>"
                         for n in e["nearest_seeds"])
         table_rows.append([str(i + 1), image, escape(str(e["key"])), escape(e["caption"] or ""),
