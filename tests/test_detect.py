@@ -153,6 +153,16 @@ def test_ranking_metrics_match_sklearn(seed):
     assert metrics.auprc(labels, score) == pytest.approx(average_precision_score(labels, score), abs=1e-12)
 
 
+def test_null_pvalues_match_scipy_far_into_the_tail():
+    from scipy.special import ndtr
+
+    rng = np.random.default_rng(0)
+    score = np.r_[rng.normal(size=5000), np.linspace(-30, 30, 601), np.nan]
+    p, null = threshold.null_pvalues(score, np.ones(len(score), dtype=bool))
+    want = np.r_[ndtr(-(score[:-1] - null["location"]) / null["scale"]), 1.0]
+    np.testing.assert_allclose(p, want, rtol=1e-9, atol=1e-300)
+
+
 def test_tpr_at_fpr_hand_checked():
     labels = np.array([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1], dtype=bool)
     score = np.array([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 8.5, 9.5, 3, 10], dtype=float)

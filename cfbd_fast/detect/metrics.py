@@ -1,27 +1,47 @@
-"""Detection quality against ground truth: TPR, FPR, precision, AUROC, AUPRC (scikit-learn), TPR at a fixed FPR."""
+"""Detection quality against ground truth: TPR, FPR, precision, AUROC, AUPRC, TPR at a fixed FPR.
+
+AUROC and AUPRC are scikit-learn's (roc_auc_score, average_precision_score: ties count half, thresholds at the
+distinct scores) in numpy, so a scan needs no scikit-learn; the tests hold them to scikit-learn's values.
+"""
 from __future__ import annotations
 
 import numpy as np
 
 
 def auroc(labels: np.ndarray, score: np.ndarray) -> float:
-    """Area under the ROC curve; NaN when one class is absent."""
-    from sklearn.metrics import roc_auc_score
-
+    """Area under the ROC curve (the Mann-Whitney statistic with average ranks); NaN when one class is absent."""
     labels = np.asarray(labels, dtype=bool)
     if labels.all() or not labels.any():
         return float("nan")
-    return float(roc_auc_score(labels, np.asarray(score, dtype=np.float64)))
+    ranks = _average_ranks(np.asarray(score, dtype=np.float64))
+    n_pos = int(labels.sum())
+    n_neg = len(labels) - n_pos
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
 def auprc(labels: np.ndarray, score: np.ndarray) -> float:
     """Average precision (the step-wise area under the precision-recall curve); NaN without positives."""
-    from sklearn.metrics import average_precision_score
-
     labels = np.asarray(labels, dtype=bool)
     if not labels.any():
         return float("nan")
-    return float(average_precision_score(labels, np.asarray(score, dtype=np.float64)))
+    order = np.argsort(-np.asarray(score, dtype=np.float64), kind="mergesort")
+    ranked, hits = np.asarray(score, dtype=np.float64)[order], labels[order]
+    last = np.r_[np.flatnonzero(np.diff(ranked)), len(ranked) - 1]  # the last row of each distinct score
+    tps = np.cumsum(hits)[last].astype(np.float64)
+    precision = tps / (last + 1)
+    recall_step = np.diff(np.r_[0.0, tps]) / tps[-1]
+    return float(np.sum(recall_step * precision))
+
+
+def _average_ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks, ties sharing their average rank (scipy.stats.rankdata's "average")."""
+    order = np.argsort(x, kind="mergesort")
+    ranked = x[order]
+    starts = np.r_[0, np.flatnonzero(np.diff(ranked)) + 1]
+    ends = np.r_[starts[1:], len(x)]
+    ranks = np.empty(len(x))
+    ranks[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)
+    return ranks
 
 
 def tpr_at_fpr(labels: np.ndarray, score: np.ndarray, fpr: float) -> float:
