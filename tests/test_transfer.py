@@ -135,3 +135,21 @@ def test_cuda_scan_matches_the_cpu_scan(store, case):
     for name in ("s_o", "s_g", "c", "z", "score", "posterior"):
         np.testing.assert_allclose(getattr(cuda, name), getattr(cpu, name), atol=1e-4, rtol=0, equal_nan=True,
                                    err_msg=name)
+
+
+def test_cli_options_of_the_device_path(store, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from cfbd_fast.cli.main import app
+
+    runner = CliRunner()
+    out = runner.invoke(app, ["scan", str(store), "--mapper", MAPPER, "--out", str(tmp_path / "o"), "--json",
+                              "--quiet", "--timings", "--device-memory-share", "0.9", "--mapper-precision", "bf16"])
+    assert out.exit_code == 0, out.output
+    config = json.loads(out.output)["config"]
+    assert (config["timings"], config["device_memory_share"], config["mapper_precision"]) == (True, 0.9, "bf16")
+    bad = runner.invoke(app, ["scan", str(store), "--mapper", MAPPER, "--out", str(tmp_path / "p"), "--quiet",
+                              "--device-memory-share", "1.5"])
+    assert bad.exit_code != 0 and "device-memory-share" in bad.output

@@ -12,7 +12,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..pipeline.options import METHODS, REDUCTIONS, SCORES, SEED_SELECTORS, THRESHOLD_METHODS, ScanConfig
+from ..pipeline.options import (MAPPER_PRECISIONS, METHODS, REDUCTIONS, SCORES, SEED_SELECTORS, THRESHOLD_METHODS,
+                                ScanConfig)
 from ._options import Device, Json, Quiet
 
 _DEFAULTS = ScanConfig()
@@ -31,6 +32,7 @@ SeedSelect = _choices("SeedSelect", SEED_SELECTORS)
 Reduce = _choices("Reduce", REDUCTIONS)
 Score = _choices("Score", SCORES)
 ThresholdMethod = _choices("ThresholdMethod", THRESHOLD_METHODS)
+MapperPrecision = _choices("MapperPrecision", MAPPER_PRECISIONS)
 
 
 def scan(
@@ -87,6 +89,14 @@ def scan(
                                           "unrelated images (boilerplate, or a single-caption backdoor).")] = False,
     threads: Annotated[Optional[int], typer.Option(
         help="CPU threads for torch and numba (default: the free cores).")] = None,
+    timings: Annotated[bool, typer.Option(
+        "--timings", help="True per-stage times in summary.json: wait for the device after every stage (on CUDA "
+                          "this stops copies and kernels from overlapping, so the scan is slower).")] = False,
+    device_memory_share: Annotated[Optional[float], typer.Option(
+        help="Keep the caption matrix on the device between the passes when it fits in this share of the free "
+             "device memory (0: stream it twice; default: 0.5 on CUDA, 0 on the CPU).")] = None,
+    mapper_precision: Annotated[MapperPrecision, typer.Option(
+        help="Matmul precision of an MLP mapper. " + _help(MAPPER_PRECISIONS))] = _DEFAULTS.mapper_precision,
     report: Annotated[bool, typer.Option("--report", help="Also write report.html (see `cfbd-fast report`).")]
     = False,
     shards: Annotated[Optional[str], typer.Option(
@@ -113,7 +123,8 @@ def scan(
         threshold_method=threshold_method.value if threshold_method else None, fdr=fdr, alpha=alpha, fpr=fpr,
         chunk_rows=chunk_rows, device=device.value, random_seed=random_seed,
         knn_neighbours=knn_neighbours, min_cluster=min_cluster, max_clusters=max_clusters,
-        test_one_caption_groups=test_one_caption_groups, threads=threads).validated()
+        test_one_caption_groups=test_one_caption_groups, threads=threads, timings=timings,
+        device_memory_share=device_memory_share, mapper_precision=mapper_precision.value).validated()
     if shards is not None or distributed or (distributed is None and _ranks_launched()):
         from ._distributed import scan_ranks
 
