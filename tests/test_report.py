@@ -167,7 +167,7 @@ def test_report_sections_for_each_method(scans, tmp_path):
     paper = build_report(scans["cfbd-paper"]).read_text()
     assert "Seed set" in paper and paper.count('data-kind="plot"') == 3 and 'data-kind="thumb"' in paper
     cosine = build_report(scans["cosine"]).read_text()
-    assert "Caption clusters" not in cosine and 'data-kind="plot"' in cosine
+    assert "Caption clusters" not in cosine and cosine.count('data-kind="plot"') == 3  # s_o, score, curves
 
 
 def test_report_cli_and_errors(scans, tmp_path):

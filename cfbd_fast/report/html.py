@@ -118,9 +118,11 @@ def _overview(out: ScanOutputs) -> str:
              escape(str(cfg.get("labels") or "none")))]
     parts.append(_table([], info))
     sub, ver = counts["subset"], counts["verdict"]
-    parts.append("<h2>Counts</h2>" + _table(
-        ["", *sub.keys()], [["coarse subset", *[_num(v) for v in sub.values()]]], set(range(1, 5))) + _table(
-        ["", *ver.keys()], [["verdict", *[_num(v) for v in ver.values()]]], set(range(1, 4))))
+    parts.append("<h2>Counts</h2>")
+    if cfg["method"] in ("cfbd", "cfbd-paper", "coarse"):  # the one-stage baselines have no coarse split
+        parts.append(_table(["", *sub.keys()], [["coarse subset", *[_num(v) for v in sub.values()]]],
+                            set(range(1, 5))))
+    parts.append(_table(["", *ver.keys()], [["verdict", *[_num(v) for v in ver.values()]]], set(range(1, 4))))
     metrics = s.get("metrics")
     if metrics:
         keys = [k for k in METRICS if k in metrics]
@@ -138,8 +140,8 @@ def _cut_text(s: dict) -> str:
 
 
 def _plots(out: ScanOutputs) -> str:
-    name = ("s_o with SafeCLIP's GMM" if out.method == "safeclip" else
-            "c with the GMM components and the benign region")
+    name = {"safeclip": "s_o with SafeCLIP's GMM", "cosine": "s_o"}.get(
+        out.method, "c with the GMM components and the benign region")
     figures = [(plots.consistency_plot(out), f"histogram of {name}"),
                (plots.score_plot(out), "histogram of the score with its null and the cut")]
     parts = ["<h2>Distributions</h2><div class=grid>"]

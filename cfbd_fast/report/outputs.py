@@ -24,7 +24,6 @@ class ScanOutputs:
     store: object = None  # the scanned EmbeddingStore, or None when it is gone or changed
     notes: list = field(default_factory=list)  # what is left out of the report, and why
     labels: np.ndarray | None = None  # ground truth per row, when the store or the scan's labels file has it
-    _keys: dict | None = None
 
     @property
     def rows(self) -> int:
@@ -40,10 +39,11 @@ class ScanOutputs:
 
     def row_of(self, key: str) -> int:
         """The row of a source key (or of a row id, for a store without keys); InputError when absent."""
-        if self._keys is None:
-            self._keys = {k: i for i, k in enumerate(self.columns["key"])}
-        row = self._keys.get(key)
-        if row is None:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        row = pc.index(pa.array(self.columns["key"], type=pa.string()), key).as_py()
+        if row < 0:
             sample = ", ".join(repr(k) for k in self.columns["key"][:2])
             raise InputError(f"{self.folder / 'scores.parquet'}: no row has key {key!r} ({self.rows:,} rows; keys "
                              f"look like {sample})")
@@ -128,12 +128,13 @@ def load(scan_dir: str | Path) -> ScanOutputs:
         raise InputError(f"{folder / 'summary.json'}: not valid JSON ({exc}); run the scan again") from None
     table = pq.read_table(folder / "scores.parquet")
     columns = {"row_id": table.column("row_id").to_numpy(),
-               "key": np.asarray(table.column("key").to_pylist(), dtype=object),
+               "key": table.column("key").to_numpy(zero_copy_only=False),
                "cluster": table.column("cluster").to_numpy().astype(np.int64)}
     for name in SCORE_COLUMNS:
         columns[name] = table.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
     for name in ("subset", "verdict"):
-        columns[name] = np.asarray(table.column(name).cast("string").to_pylist(), dtype=object)
+        codes = table.column(name).combine_chunks()  # dictionary-encoded: decode through the small dictionary
+        columns[name] = np.asarray(codes.dictionary.to_pylist(), dtype=object)[codes.indices.to_numpy()]
     out = ScanOutputs(folder=folder, summary=summary, columns=columns)
     out.store = _open_store(out)
     out.labels = _labels(out)

@@ -51,9 +51,10 @@ def _groups(out: ScanOutputs, finite: np.ndarray) -> list:
 
 
 def consistency_plot(out: ScanOutputs) -> str | None:
-    """Histogram of c with the coarse stage's GMM components and its benign region (SafeCLIP: of s_o)."""
+    """Histogram of c with the coarse stage's GMM components and its benign region (SafeCLIP: of s_o with its
+    GMM; the cosine baseline, which computes no c: of s_o)."""
     gmm = out.summary.get("gmm")
-    name = "s_o" if out.method == "safeclip" else "c"
+    name = "s_o" if out.method in ("safeclip", "cosine") else "c"
     values = out.columns[name]
     finite = np.isfinite(values)
     if not finite.any():
@@ -71,16 +72,23 @@ def consistency_plot(out: ScanOutputs) -> str | None:
         for k, d in enumerate(dens):
             ax.plot(x, np.maximum(d * scale, 1e-1), color="black", lw=1, ls="--" if k else "-",
                     label="GMM components" if k == 0 else None)
-        lowest = gmm.get("lowest_component")
-        if lowest is not None:  # the coarse stage's benign region: the lowest component's posterior > gamma
-            posterior = dens[lowest] / np.maximum(np.sum(dens, axis=0), 1e-300)
-            benign = posterior > out.summary["config"]["gamma"]
+        # The benign region: the coarse stage's lowest-c component has posterior > gamma; SafeCLIP's safe
+        # (highest-s_o) component has posterior >= 1 - its threshold on the score 1 - posterior.
+        if "safe_component" in gmm:
+            component, level = gmm["safe_component"], 1.0 - out.summary["threshold"]["value"]
+        else:
+            component, level = gmm.get("lowest_component"), out.summary["config"]["gamma"]
+        if component is not None:
+            posterior = dens[component] / np.maximum(np.sum(dens, axis=0), 1e-300)
+            benign = posterior > level
             if benign.any():
                 ax.axvspan(x[benign].min(), x[benign].max(), color=BENIGN_REGION, alpha=0.15,
-                           label=f"benign region (posterior > {out.summary['config']['gamma']})")
+                           label=f"benign region (posterior > {level:g})")
     ax.set_ylim(bottom=0.8)
     ax.set_xlabel("c = s_g - s_o (consistency)" if name == "c" else "s_o = cos(image, caption)")
-    ax.set_title(f"{name}: {'GMM of the coarse stage' if gmm else 'distribution'}", fontsize=10)
+    what = "SafeCLIP's GMM" if "safe_component" in (gmm or {}) else "GMM of the coarse stage" if gmm else \
+        "distribution"
+    ax.set_title(f"{name}: {what}", fontsize=10)
     ax.legend(fontsize=7, loc="upper right")
     return _png(fig)
 
