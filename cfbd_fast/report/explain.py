@@ -143,7 +143,7 @@ def _value(x):
     if isinstance(x, (np.integer, int)):
         return int(x)
     if isinstance(x, (np.floating, float)):
-        return None if math.isnan(x) else float(x)
+        return float(x) if math.isfinite(x) else None  # NaN, or the cut of a cluster that nothing passes
     return x
 
 
