@@ -489,3 +489,35 @@ def test_gpu_decode_matches_cpu_decode(tmp_path):
         cosine = np.einsum("ij,ij->i", a.image.astype(np.float32), b.image.astype(np.float32))
         assert cosine.min() > 0.99
         np.testing.assert_allclose(a.text.astype(np.float32), b.text.astype(np.float32), atol=2e-3)
+
+
+def test_commit_writer_commits_in_order_and_raises_a_failed_commit(tmp_path):
+    """The background writer: chunks land in submission order; a commit's error reaches the loop, and the store
+    keeps every commit before it."""
+    from collections import Counter
+
+    import numpy as np
+    import pytest
+
+    from cfbd_fast.embed.runner import _Chunk, _CommitWriter
+    from cfbd_fast.errors import CfbdError
+    from cfbd_fast.store import EmbeddingStore
+
+    def chunk(first: int, dim: int = 4) -> _Chunk:
+        c = _Chunk(has_poison_labels=False)
+        rows = np.full((2, dim), first + 1, dtype=np.float32)
+        c.add(rows, rows, [(str(first + i), "src", f"caption {first + i}", None) for i in range(2)])
+        return c
+
+    store = EmbeddingStore.create(tmp_path / "w.cfbd", 4, model="m")
+    timings = Counter()
+    with _CommitWriter(store, timings) as writer:
+        for first in (0, 2, 4):
+            writer.submit(chunk(first), {"position": [0, first + 2]})
+    assert store.meta.column("key").to_pylist() == ["0", "1", "2", "3", "4", "5"]
+    assert timings["write_s"] > 0
+    with pytest.raises(CfbdError):
+        with _CommitWriter(store, Counter()) as writer:
+            writer.submit(chunk(6), {"position": [0, 8]})
+            writer.submit(chunk(8, dim=3), {"position": [0, 10]})  # a chunk the store refuses
+    assert len(EmbeddingStore.open(tmp_path / "w.cfbd")) == 8

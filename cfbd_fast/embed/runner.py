@@ -3,7 +3,9 @@
 The input is cut into commit chunks of `commit_rows` samples per unit (table, shard, tar) and each chunk into
 model batches, independently of timing, so a killed run resumed with the same arguments writes exactly the
 bytes an uninterrupted run writes. Decoding and preprocessing run in torch DataLoader workers; the model runs
-in the main process under inference_mode (fp16 autocast on CUDA, JPEGs decoded there with nvJPEG).
+in the main process under inference_mode (fp16 autocast on CUDA, JPEGs decoded there with nvJPEG); results
+come back one batch behind the model and commits are written by a background thread, so decoding, the model
+and the writes overlap.
 """
 from __future__ import annotations
 
@@ -200,6 +202,12 @@ def embed(data: str | os.PathLike, out: str | os.PathLike, model: str, pretraine
 
 def _run(store: EmbeddingStore, source: Source, loaded: LoadedModel, position: tuple[int, int], batch_size: int,
          workers: int, commit_rows: int, gpu: bool, progress: bool) -> dict:
+    """The loop: decode (loader workers, nvJPEG on CUDA) -> model -> results -> commits, overlapped.
+
+    A batch's embeddings are copied back to pinned host memory without waiting and collected one batch later, so
+    the device runs batch k + 1 while the host files batch k; commits are written by one background thread while
+    the next chunk is embedded (one commit in flight; commits stay in order).
+    """
     cuda = loaded.device.startswith("cuda")
     record = store.record[_RECORD_KEY]
     plan = _Plan(source, position, commit_rows, batch_size)
@@ -212,11 +220,31 @@ def _run(store: EmbeddingStore, source: Source, loaded: LoadedModel, position: t
     timings = Counter()
     skipped = Counter()
     done = {"rows": 0, "inputs": 0}
-    chunk = _Chunk(source.has_poison_labels)
+    state = {"chunk": _Chunk(source.has_poison_labels)}
     remaining = _remaining(source, position)
     loop_started = time.perf_counter()
+
+    def file(batch: "_Pending") -> None:
+        """Add a finished batch to its commit chunk (in input order) and hand a full chunk to the writer."""
+        tick = time.perf_counter()
+        if batch.kept:
+            image, text = batch.arrays()
+            state["chunk"].add(image, text, batch.kept)
+        timings["results_s"] += time.perf_counter() - tick
+        state["chunk"].skips.extend(batch.skips)
+        skipped.update(reason for _, _, reason, _ in batch.skips)
+        done["rows"] += len(batch.kept)
+        done["inputs"] += batch.inputs
+        if batch.commit is not None:
+            tick = time.perf_counter()
+            writer.submit(state["chunk"], {**record, "input": source.identity(), "position": list(batch.commit)})
+            timings["write_wait_s"] += time.perf_counter() - tick
+            state["chunk"] = _Chunk(source.has_poison_labels)
+        bar.advance(batch.inputs)
+
     with progress_bar("embedding", total=remaining, enabled=progress, unit="samples", rate=True) as bar, \
-            torch.inference_mode():
+            torch.inference_mode(), _CommitWriter(store, timings) as writer:
+        pending = None
         waited = time.perf_counter()
         for result in loader:
             now = time.perf_counter()
@@ -226,29 +254,88 @@ def _run(store: EmbeddingStore, source: Source, loaded: LoadedModel, position: t
             pixels, rows, skips = _assemble(result, cpu_preprocess, gpu_preprocess, loaded.device, timings)
             timings["normalize_s"] += time.perf_counter() - tick
             kept = [result["kept"][i] for i in rows]
+            batch = _Pending(kept, skips, result["inputs"], result["commit"])
             if kept:
                 tick = time.perf_counter()
                 tokens = result["tokens"] if len(rows) == len(result["kept"]) else result["tokens"][rows]
                 with autocast:
                     image = loaded.model.encode_image(pixels)
                     text = loaded.model.encode_text(tokens.to(loaded.device, non_blocking=True))
-                image = torch.nn.functional.normalize(image.float(), dim=-1).cpu().numpy()
-                text = torch.nn.functional.normalize(text.float(), dim=-1).cpu().numpy()
+                batch.start_copy(torch.nn.functional.normalize(image.float(), dim=-1),
+                                 torch.nn.functional.normalize(text.float(), dim=-1))
                 timings["model_s"] += time.perf_counter() - tick
-                chunk.add(image, text, kept)
-            chunk.skips.extend(skips)
-            skipped.update(reason for _, _, reason, _ in skips)
-            done["rows"] += len(kept)
-            done["inputs"] += result["inputs"]
-            if result["commit"] is not None:
-                tick = time.perf_counter()
-                chunk.commit(store, {**record, "input": source.identity(), "position": list(result["commit"])})
-                timings["write_s"] += time.perf_counter() - tick
-                chunk = _Chunk(source.has_poison_labels)
-            bar.advance(result["inputs"])
+            if pending is not None:
+                file(pending)
+            pending = batch
             waited = time.perf_counter()
+        if pending is not None:
+            file(pending)
     return {"rows": done["rows"], "inputs": done["inputs"], "skipped": skipped, "timings": timings,
             "loop_s": time.perf_counter() - loop_started}
+
+
+class _Pending:
+    """One model batch on its way back: embeddings copied to pinned host memory behind an event (CUDA), or
+    already on the host (CPU); its samples, skips, input count and the commit it closes, if any."""
+
+    def __init__(self, kept: list, skips: list, inputs: int, commit):
+        self.kept, self.skips, self.inputs, self.commit = kept, skips, inputs, commit
+        self._image = self._text = self._event = None
+
+    def start_copy(self, image: torch.Tensor, text: torch.Tensor) -> None:
+        if image.device.type != "cuda":
+            self._image, self._text = image.numpy(), text.numpy()
+            return
+        self._image = torch.empty(image.shape, dtype=image.dtype, pin_memory=True)
+        self._text = torch.empty(text.shape, dtype=text.dtype, pin_memory=True)
+        self._image.copy_(image, non_blocking=True)
+        self._text.copy_(text, non_blocking=True)
+        self._event = torch.cuda.Event()
+        self._event.record()
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._event is not None:
+            self._event.synchronize()
+            return self._image.numpy(), self._text.numpy()
+        return self._image, self._text
+
+
+class _CommitWriter:
+    """Commits chunks to the store on one background thread, one at a time and in order.
+
+    `submit` waits for the previous commit (so at most one chunk waits in memory) and re-raises its error;
+    leaving the context waits for the last one, also when the loop failed, so the store is never closed mid-commit.
+    """
+
+    def __init__(self, store: EmbeddingStore, timings: Counter):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._store, self._timings = store, timings
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cfbd-commit")
+        self._future = None
+
+    def submit(self, chunk: "_Chunk", record: dict) -> None:
+        self._wait()
+        self._future = self._pool.submit(self._commit, chunk, record)
+
+    def _commit(self, chunk: "_Chunk", record: dict) -> None:
+        tick = time.perf_counter()
+        chunk.commit(self._store, record)
+        self._timings["write_s"] += time.perf_counter() - tick
+
+    def _wait(self) -> None:
+        if self._future is not None:
+            future, self._future = self._future, None
+            future.result()
+
+    def __enter__(self) -> "_CommitWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self._wait()
+        finally:
+            self._pool.shutdown(wait=True)
 
 
 def _assemble(result: dict, cpu_preprocess: CpuPreprocess, gpu_preprocess: GpuPreprocess | None, device: str,
