@@ -5,7 +5,9 @@ import base64
 import io
 import json
 import re
+import shutil
 import subprocess
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -66,10 +68,10 @@ def scans(tmp_path_factory):
     with EmbeddingStore.open(scan_store) as demo:
         meta = demo.meta.to_pydict()
         poisoned = np.asarray(meta["is_poisoned"])
-        names = [f"images/poison-{i % 12}.png" if p else f"images/clean-{hash(c) % 40}.png"
+        names = [f"images/poison-{i % 12}.png" if p else f"images/clean-{zlib.crc32(c.encode()) % 40}.png"
                  for i, (p, c) in enumerate(zip(poisoned, meta["caption"]))]
         for name in set(names):
-            _picture(abs(hash(name)) % 1000, "poison" in name).save(root / name)
+            _picture(zlib.crc32(name.encode()), "poison" in name).save(root / name)
         store = EmbeddingStore.from_arrays(root / "pictures.cfbd", image=demo.image, text=demo.text,
                                            meta={"caption": meta["caption"], "key": meta["key"], "source": names,
                                                  "is_poisoned": meta["is_poisoned"]},
@@ -168,6 +170,20 @@ def test_report_sections_for_each_method(scans, tmp_path):
     assert "Seed set" in paper and paper.count('data-kind="plot"') == 3 and 'data-kind="thumb"' in paper
     cosine = build_report(scans["cosine"]).read_text()
     assert "Caption clusters" not in cosine and cosine.count('data-kind="plot"') == 3  # s_o, score, curves
+
+
+def test_report_without_its_store(scans, tmp_path):
+    moved = tmp_path / "moved.scan"
+    shutil.copytree(scans["cfbd"], moved)
+    summary = json.loads((moved / "summary.json").read_text())
+    summary["store"]["path"] = str(tmp_path / "gone.cfbd")
+    (moved / "summary.json").write_text(json.dumps(summary))
+    html = build_report(moved).read_text()
+    assert "is not found, so captions, labels, thumbnails" in html and 'data-kind="thumb"' not in html
+    assert html.count('data-kind="plot"') == 2  # no labels: no curves
+    key = (moved / "poisoned.txt").read_text().split()[0]
+    e = explain_row(moved, key)
+    assert e["verdict"] == "poisoned" and e["caption"] is None and e["nearest_seeds"] == [] and e["notes"]
 
 
 def test_report_cli_and_errors(scans, tmp_path):
