@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 
+from ..errors import InputError
 from .explain import nulls, score_thresholds
 from .outputs import ScanOutputs
 
@@ -15,7 +16,10 @@ CLEAN, POISON, FLAGGED, BENIGN_REGION = "#4c72b0", "#c44e52", "#dd8452", "#55a86
 
 
 def _pyplot():
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise InputError("the report needs matplotlib: pip install -r requirements.txt") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -131,25 +135,35 @@ def method_scores(out: ScanOutputs) -> dict:
     return {name: s for name, s in scores.items() if np.isfinite(s[out.valid]).any()}
 
 
+def _curves(truth: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """False-positive rate, true-positive rate (recall) and precision at each distinct score, highest first."""
+    order = np.argsort(-score, kind="mergesort")
+    ranked, hits = score[order], truth[order]
+    last = np.r_[np.flatnonzero(np.diff(ranked)), len(ranked) - 1]  # the last row of each distinct score
+    tp = np.cumsum(hits)[last].astype(np.float64)
+    fp = (last + 1) - tp
+    return np.r_[0.0, fp / fp[-1]], np.r_[0.0, tp / tp[-1]], np.r_[1.0, tp / (last + 1)]
+
+
 def curves_plot(out: ScanOutputs) -> str | None:
-    """ROC and precision-recall curves of each method's score against the labels, the areas in the legends."""
+    """ROC and precision-recall curves of each method's score against the labels, the areas in the legends (the
+    scan's own AUROC and AUPRC, as in summary.json)."""
+    from ..detect.metrics import auprc, auroc
+
     if out.labels is None:
         return None
     truth = out.labels[out.valid]
     if truth.all() or not truth.any():
         return None
-    from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_curve
-
     plt = _pyplot()
     fig, (roc_ax, pr_ax) = plt.subplots(1, 2, figsize=(9, 3.6))
     fig.subplots_adjust(**MARGINS, wspace=0.25)
     for name, score in method_scores(out).items():
         s = score[out.valid]
         s = np.where(np.isfinite(s), s, np.min(s[np.isfinite(s)]) - 1)  # unscored rows rank last
-        fpr, tpr, _ = roc_curve(truth, s)
-        precision, recall, _ = precision_recall_curve(truth, s)
-        roc_ax.plot(fpr, tpr, label=f"{name} (AUROC {auc(fpr, tpr):.3f})")
-        pr_ax.plot(recall, precision, label=f"{name} (AUPRC {average_precision_score(truth, s):.3f})")
+        fpr, tpr, precision = _curves(truth, s)
+        roc_ax.plot(fpr, tpr, label=f"{name} (AUROC {auroc(truth, s):.3f})")
+        pr_ax.step(tpr, precision, where="pre", label=f"{name} (AUPRC {auprc(truth, s):.3f})")
     roc_ax.set_xscale("symlog", linthresh=1e-3)
     roc_ax.set(xlabel="false-positive rate (symlog)", ylabel="true-positive rate", title="ROC", ylim=(0, 1.02))
     pr_ax.set(xlabel="recall", ylabel="precision", title="precision-recall", ylim=(0, 1.02))
