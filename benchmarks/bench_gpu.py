@@ -22,6 +22,7 @@ Every table is appended to benchmarks/results.csv.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import statistics
 import subprocess
@@ -126,7 +127,8 @@ def kernel_table(device: str, rows: int, dim: int, bw: dict) -> list[dict]:
 
     from cfbd_fast.gmm import fit_gmm
     from cfbd_fast.gmm.device import fit_gmm_device
-    from cfbd_fast.ops import consistency as cons, invalid_rows as inv, seed_correlation as seed
+    cons, inv, seed = (importlib.import_module(f"cfbd_fast.ops.{name}")
+                       for name in ("consistency", "invalid_rows", "seed_correlation"))
 
     impl = "triton" if device == "cuda" else "cpu"
     gen = torch.Generator(device=device).manual_seed(0)
