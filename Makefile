@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: demo test build venv bench gpu-wheels gpu-setup gpu-test gpu-bench clean realdata browser
+.PHONY: demo test build venv bench gpu-wheels gpu-setup gpu-test gpu-bench gpu-bench-run clean realdata browser
 
 demo: build
 	$(BIN)/cfbd-fast demo
@@ -78,7 +78,9 @@ gpu-test: gpu-setup
 	$(GPU_ENV) python3 -m pytest -m gpu -q $(GPU_TESTS)
 
 # Stage times, bytes/s against the measured copy bandwidth, Triton vs eager torch, cold vs warm (3M x 1024 fp16).
-gpu-bench: gpu-test
+# gpu-bench-run runs the benchmarks alone, on a machine where gpu-setup has run.
+gpu-bench: gpu-test gpu-bench-run
+gpu-bench-run:
 	$(GPU_ENV) python3 benchmarks/bench_gpu.py
 	$(GPU_ENV) python3 benchmarks/bench_consistency.py --device cuda
 	$(GPU_ENV) python3 benchmarks/bench_seed_correlation.py --device cuda

@@ -78,7 +78,7 @@ def stage_table(summary: dict, rows: int, dim: int, bw: dict, device: str) -> li
     """Per stage: seconds, the bytes it moves (streaming stages), achieved bytes/s and its share of the bound."""
     t = summary["timings_s"]
     itemsize = 2
-    resident = summary.get("text_resident")
+    resident = summary["transfer"]["text_resident"]
     clusters = max(len(summary.get("clusters", [])), 1)
     host = bw.get("h2d_pinned_bytes_per_s")
     dev = bw["d2d_bytes_per_s"]
@@ -104,17 +104,12 @@ def stage_table(summary: dict, rows: int, dim: int, bw: dict, device: str) -> li
 
 def warm_scans(store: Path, mapper: Path, device: str, method: str, repeat: int) -> tuple[dict, list[dict], float]:
     """A first scan in this process, one with --timings, then `repeat` without: (timed summary, summaries, first)."""
-    import torch
-
     import cfbd_fast
-    from cfbd_fast.pipeline.transfer import plan_resident
 
     t0 = time.perf_counter()
     cfbd_fast.scan(store, str(mapper), device=device, method=method)
     first = time.perf_counter() - t0
     timed = cfbd_fast.scan(store, str(mapper), device=device, method=method, timings=True).summary
-    opened = cfbd_fast.EmbeddingStore.open(store)
-    timed["text_resident"] = plan_resident(len(opened), opened.dim, opened.dtype.itemsize, torch.device(device), None)
     plain = [cfbd_fast.scan(store, str(mapper), device=device, method=method).summary for _ in range(repeat)]
     return timed, plain, first
 
@@ -215,7 +210,8 @@ def main() -> None:
     cold = cold_scans(store, mapper, args.device, args.method, store.parent, args.cold)
     timed, plain, first = warm_scans(store, mapper, args.device, args.method, args.repeat)
     stages = stage_table(timed, args.rows, args.dim, bw, args.device)
-    print_table(f"stages of one warm scan with --timings (text resident on the device: {timed['text_resident']}; "
+    resident = timed["transfer"]["text_resident"]
+    print_table(f"stages of one warm scan with --timings (text resident on the device: {resident}; "
                 f"method {timed['config']['method']}, mapper precision {timed['config']['mapper_precision']})",
                 stages, ["stage", "seconds", "GB", "GB_per_s", "bound", "share", "TFLOP_per_s"])
     warm_totals = [s["timings_s"]["total"] for s in plain]

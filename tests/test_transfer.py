@@ -107,6 +107,9 @@ def test_resident_staged_and_streamed_scans_agree(store, case):
     for variant in ({"device_memory_share": 0.9}, {"stage_chunks": True},
                     {"stage_chunks": True, "device_memory_share": 0.9, "timings": True}):
         other = scan(store, MAPPER, **options, **variant)
+        transfer = other.summary["transfer"]
+        assert transfer["staged"] == variant.get("stage_chunks", False)
+        assert transfer["text_resident"] == (case != "cosine" and "device_memory_share" in variant)
         for name in record.FIELDS:
             np.testing.assert_array_equal(getattr(other, name), getattr(streamed, name), err_msg=f"{variant} {name}")
 
@@ -131,6 +134,7 @@ def test_cuda_scan_matches_the_cpu_scan(store, case):
     options = record.CASES[case]
     cpu = scan(store, MAPPER, **options)
     cuda = scan(store, MAPPER, **options, device="cuda", mapper_precision="fp32")
+    assert cuda.summary["transfer"] == {"staged": True, "text_resident": case not in ("cosine", "safeclip")}
     np.testing.assert_array_equal(cuda.verdict, cpu.verdict)
     for name in ("s_o", "s_g", "c", "z", "score", "posterior"):
         np.testing.assert_allclose(getattr(cuda, name), getattr(cpu, name), atol=1e-4, rtol=0, equal_nan=True,

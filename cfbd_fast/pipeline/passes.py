@@ -123,7 +123,8 @@ def consistency_pass(source: ChunkSource, mapper, cfg: ScanConfig, timer: Timer,
     return Scores(s_o=s_o, s_g=s_g, c=c, valid=valid, posterior=np.full(n, np.nan, dtype=np.float32),
                   subset=subset, z=np.full(n, np.nan, dtype=np.float32), verdict=verdict,
                   p_value=np.full(n, np.nan, dtype=np.float64), cluster=np.full(n, -1, dtype=np.int16),
-                  warnings=warnings, text_on_device=resident)
+                  warnings=warnings, text_on_device=resident,
+                  summary={"transfer": {"staged": feeder.staged, "text_resident": resident is not None}})
 
 
 # -- pass 2 --------------------------------------------------------------------------------------------------
