@@ -7,7 +7,9 @@ in its work folder), scanned by `cfbd` (the default method, with the reference m
 part) and by `cosine` with their default options. Arms, each trained from the same initialisation and schedule:
   poisoned   every row of the poisoned copy
   cfbd       the rows CFBD calls benign
-  cosine     the rows the cosine baseline calls benign
+  cosine     the rows the cosine baseline calls benign (at its default FPR it may flag none: then this arm is the
+             poisoned one, measured once)
+  cosine-matched  the cosine baseline at CFBD's budget: as many rows removed as CFBD removed, lowest cosine first
   clean      the clean `scan` part (no attack), once per training seed: the floor
 Measured on `test` (one image per emoji, "a photo of a {name}."): clean R@1 / R@5 image -> caption over its distinct
 captions, and ASR: the share of triggered test images (the attack's trigger, same poison seed; the target's own
@@ -31,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 ATTACKS = ("badnets", "blended", "sig", "wanet")
-ARMS = ("poisoned", "cfbd", "cosine")
+ARMS = ("poisoned", "cfbd", "cosine", "cosine-matched")
 TARGET_CAPTION = "a photo of a banana."  # the test part's caption of the attack target
 COLUMNS = ("attack", "arm", "train_seed", "rows", "poison_rows", "removed", "removed_poison", "asr", "r1", "r5",
            "train_s")
@@ -150,13 +152,25 @@ def poisoned_case(material: Material, pdir: Path):
     return images, [row["caption"] for row in rows], poisoned
 
 
-def scan_keep(store: Path, mapper: str | None, method: str) -> np.ndarray:
-    """Rows (store order) that `method` calls benign, with its default options."""
+def scan_keep(store: Path, mapper: str | None, method: str) -> tuple[np.ndarray, np.ndarray]:
+    """Rows (store order) that `method` calls benign with its default options, and every row's score (higher is
+    more suspect)."""
     from cfbd_fast import scan
 
     result = scan(store, mapper, method=method)
+    rows = np.asarray(result.row_id)
     keep = np.zeros(len(result.verdict), dtype=bool)
-    keep[np.asarray(result.row_id)[result.kept_rows]] = True
+    keep[rows[result.kept_rows]] = True
+    score = np.full(len(result.verdict), -np.inf)
+    score[rows] = np.nan_to_num(np.asarray(result.score, dtype=np.float64), nan=-np.inf)
+    return keep, score
+
+
+def matched_keep(score: np.ndarray, removed: int) -> np.ndarray:
+    """All rows but the `removed` highest scored."""
+    keep = np.ones(len(score), dtype=bool)
+    if removed:
+        keep[np.argsort(-score, kind="stable")[:removed]] = False
     return keep
 
 
@@ -221,9 +235,10 @@ def main(argv=None) -> None:
                            seed=args.poison_seed)
         images, captions, poisoned = poisoned_case(material, work / f"{name}.poison")
         keep = {"poisoned": np.ones(len(captions), dtype=bool)}
-        for arm, method, arm_mapper in (("cfbd", "cfbd", mapper), ("cosine", "cosine", None)):
-            if arm in args.arms:
-                keep[arm] = scan_keep(store, arm_mapper, method)
+        keep["cfbd"], _ = scan_keep(store, mapper, "cfbd")
+        keep["cosine"], cosine_score = scan_keep(store, None, "cosine")
+        keep["cosine-matched"] = matched_keep(cosine_score, int((~keep["cfbd"]).sum()))
+        keep = {arm: rows for arm, rows in keep.items() if arm in args.arms}
         cases[attack] = (images, captions, poisoned, keep)
         triggered[attack], _ = triggered_images(cache / "test", work, attack, args.poison_seed, material.preprocess)
     print(f"# cases poisoned, scanned and triggered in {time.perf_counter() - started:.0f} s", flush=True)
@@ -245,10 +260,14 @@ def main(argv=None) -> None:
             for attack in args.attacks:
                 record(attack, "clean", seed, everything, nothing, result, result["asr"][attack])
         for attack, (images, captions, poisoned, keep) in cases.items():
+            trained = {}  # the same rows, seed and schedule give the same tower: train each row set once
             for arm in [a for a in ARMS if a in keep]:
-                rows_kept = np.flatnonzero(keep[arm])
-                result = train_and_measure(material, images[rows_kept], [captions[k] for k in rows_kept],
-                                           {attack: triggered[attack]}, seed)
+                key = keep[arm].tobytes()
+                if key not in trained:
+                    rows_kept = np.flatnonzero(keep[arm])
+                    trained[key] = train_and_measure(material, images[rows_kept], [captions[k] for k in rows_kept],
+                                                     {attack: triggered[attack]}, seed)
+                result = trained[key]
                 record(attack, arm, seed, keep[arm], poisoned, result, result["asr"][attack])
 
     order = {arm: k for k, arm in enumerate(("clean",) + ARMS)}
