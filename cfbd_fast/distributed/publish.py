@@ -73,6 +73,8 @@ def _write_segment(tmp: Path, seg, part, s) -> None:
         with open(tmp / f"{file}.{name}", "w", encoding="utf-8") as fh:
             fh.writelines(f"{k}\n" for k in keys.take(np.flatnonzero(verdict == code)).to_pylist())
     meta = part.meta.slice(lo, n)
+    if "row_id" in meta.column_names:  # a shard numbers its own rows: give them their global ids
+        meta = meta.set_column(meta.column_names.index("row_id"), "row_id", pa.array(row_id))
     kept = np.flatnonzero(verdict == V_BENIGN)
     pq.write_table(meta.take(kept) if meta.num_columns else pa.table({"row_id": row_id[kept]}),
                    tmp / f"keep.{name}.parquet")
