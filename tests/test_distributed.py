@@ -277,3 +277,29 @@ def test_distributed_fdr_and_null_equal_the_single_process():
         assert np.array_equal(np.concatenate([r[2] for r in results]), reject)
         assert all(r[3] == cut for r in results)
         assert np.array_equal(reject, reject_want)
+
+
+# -- embed across ranks ---------------------------------------------------------------------------------------
+def test_embed_ranks_write_one_shard_store_per_input_shard(tmp_path):
+    """Two ranks share three .tar shards round-robin; the shard stores hold, in order, what one store holds."""
+    from test_embed import TINY_MODEL, _write_shards
+
+    _write_shards(tmp_path / "shards")
+    flags = ["--model", TINY_MODEL, "--workers", "0", "--quiet"]
+    one = _cli("embed", tmp_path / "shards", "--out", tmp_path / "one.cfbd", *flags)
+    assert one.returncode == 0, one.stderr
+    many = _cli("embed", tmp_path / "shards", "--out", tmp_path / "parts", *flags, "--json", ranks=2)
+    assert many.returncode == 0, many.stderr[-6000:]
+    report = json.loads(many.stdout[many.stdout.index("{"):])
+    assert report["ranks"] == 2 and report["rows_written"] == 10
+    parts = sorted((tmp_path / "parts").glob("*.cfbd"))
+    assert [p.name for p in parts] == ["00000.cfbd", "00001.cfbd", "00002.cfbd"]
+    with EmbeddingStore.open(tmp_path / "one.cfbd") as whole:
+        keys = whole.meta.column("key").to_pylist()
+        image, text = np.asarray(whole.image, dtype=np.float32), np.asarray(whole.text, dtype=np.float32)
+    stores = [EmbeddingStore.open(p) for p in parts]
+    assert sum((s.meta.column("key").to_pylist() for s in stores), []) == keys
+    np.testing.assert_allclose(np.concatenate([np.asarray(s.image, dtype=np.float32) for s in stores]), image,
+                               atol=2e-3)
+    np.testing.assert_allclose(np.concatenate([np.asarray(s.text, dtype=np.float32) for s in stores]), text,
+                               atol=2e-3)

@@ -39,14 +39,27 @@ def embed(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing store at --out.")] = False,
     append: Annotated[bool, typer.Option(
         "--append", help="Add this input's rows after those of another input already in --out (same model).")] = False,
+    distributed: Annotated[Optional[bool], typer.Option(
+        "--distributed/--no-distributed", help="Run as one rank of torch.distributed (torchrun --nproc-per-node N): "
+        "each rank embeds its round-robin share of the .tar shards, each into OUT/<shard>.cfbd.",
+        show_default="when torchrun started it")] = None,
     quiet: Quiet = False,
     json_output: Json = False,
 ) -> None:
     """Embed images and captions with open_clip into a store (resumable; unusable images go to its skip list)."""
     from ..embed import embed as run_embed
     from ..embed.models import LOCAL_DIR, TINY_MODEL, is_random, model_identity
+    from .scan import _ranks_launched
 
     model_identity(model, pretrained)  # a bad model or checkpoint fails here, before the note below
+    if distributed or (distributed is None and _ranks_launched()):
+        from ._distributed import embed_ranks
+
+        return embed_ranks(data, out, model, pretrained, distributed=distributed, timeout=1800.0,
+                           json_out=json_output, image_column=image_column, caption_column=caption_column,
+                           batch_size=batch_size, workers=workers, device=device.value if device else None,
+                           dtype=dtype.value, commit_rows=commit_rows, gpu_decode=gpu_decode, overwrite=overwrite,
+                           append=append, progress=not quiet)
     if is_random(pretrained) and not model.startswith(LOCAL_DIR) and model != TINY_MODEL:
         typer.echo(f"Note: no --pretrained weights: {model} embeds with seeded random weights (for tests and "
                    "benchmarks; pass e.g. --pretrained openai for real embeddings).", err=True)
