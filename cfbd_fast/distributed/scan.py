@@ -440,6 +440,7 @@ def _seed_stage(s, cfg: ScanConfig, sh: Shared, timer) -> np.ndarray:
 def _paper_verdict(s, split: coarse.CoarseSplit, cfg: ScanConfig, sh: Shared, timer) -> dict:
     """pipeline.paper.paper_verdict over all ranks."""
     t0 = time.perf_counter()
+    null = None
     if cfg.spec.verdict == "coarse":
         s.score, thr, estimates = s.c.copy(), float("nan"), {}
         s.verdict[(s.subset == SEED) | (s.subset == SUSPICIOUS)] = V_POISONED
@@ -463,12 +464,11 @@ def _paper_verdict(s, split: coarse.CoarseSplit, cfg: ScanConfig, sh: Shared, ti
                 finite = s.score[np.isfinite(s.score)]
                 thr = float(sh.comm.max(np.array([finite.max() if len(finite) else -np.inf]), "largest score")[0])
             estimates[cfg.threshold_method] = thr
-            estimates["null"] = null
         sh.mark(s.verdict, s.seed_rows, V_POISONED)
         s.verdict[(s.subset == SUSPICIOUS) & (s.score > thr)] = V_POISONED
     timer.add("verdict", time.perf_counter() - t0)
     return {"value": thr, "method": "given" if cfg.threshold is not None else cfg.threshold_method,
-            "estimates": estimates, "score": cfg.score}
+            "estimates": estimates, "score": cfg.score, **({"null": null} if null else {})}
 
 
 def _baseline_verdict(s, cfg: ScanConfig, sh: Shared, timer) -> dict:
