@@ -303,3 +303,17 @@ def test_embed_ranks_write_one_shard_store_per_input_shard(tmp_path):
                                atol=2e-3)
     np.testing.assert_allclose(np.concatenate([np.asarray(s.text, dtype=np.float32) for s in stores]), text,
                                atol=2e-3)
+
+
+def test_distributed_without_a_launcher_says_how_to_start(demo, monkeypatch):
+    from typer.testing import CliRunner
+
+    from cfbd_fast.cli.main import app
+
+    out, store, mapper = demo
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    result = CliRunner().invoke(app, ["scan", str(store), "--mapper", str(mapper), "--distributed",
+                                      "--out", str(out / "no-launcher"), "--quiet"])
+    assert result.exit_code == 1
+    assert "torchrun --nproc-per-node N" in result.output
