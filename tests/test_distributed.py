@@ -317,3 +317,24 @@ def test_distributed_without_a_launcher_says_how_to_start(demo, monkeypatch):
                                       "--out", str(out / "no-launcher"), "--quiet"])
     assert result.exit_code == 1
     assert "torchrun --nproc-per-node N" in result.output
+
+
+def test_stalled_rank_times_the_run_out(demo):
+    """A rank that hangs: the others give up after --timeout with a clear error and publish nothing."""
+    out, store, mapper = demo
+    dest = out / "stalled"
+    base = {**ENV, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+            "CFBD_FAST_TEST_STALL": "gmm:1"}
+    args = [sys.executable, "-m", "cfbd_fast.cli.main", "scan", str(store), "--mapper", str(mapper), "--out",
+            str(dest), "--quiet", "--timeout", "10"]
+    procs = [subprocess.Popen(args, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(2)]
+    try:
+        code0 = procs[0].wait(timeout=180)
+        err0 = procs[0].stderr.read()
+    finally:
+        procs[1].kill()
+        procs[1].wait()
+    assert code0 == 1
+    assert "another rank died or timed out" in err0
+    assert not dest.exists() or not any((dest / name).exists() for name in OUTPUTS)

@@ -165,8 +165,13 @@ def init_comm(distributed: bool | None = None, *, device: str = "cpu", timeout_s
 
 
 def test_hook(stage: str, comm: Comm) -> None:
-    """Tests kill a rank here: CFBD_FAST_TEST_DIE=STAGE:RANK makes that rank's process exit at once (a real
-    process death, no clean-up), so that the test sees how the others fail."""
-    spec = os.environ.get("CFBD_FAST_TEST_DIE")
-    if spec and spec == f"{stage}:{comm.rank}":
+    """Tests kill or stall a rank here: CFBD_FAST_TEST_DIE=STAGE:RANK makes that rank's process exit at once (a
+    real process death, no clean-up), CFBD_FAST_TEST_STALL=STAGE:RANK makes it hang, so that the test sees how
+    the others fail."""
+    here = f"{stage}:{comm.rank}"
+    if os.environ.get("CFBD_FAST_TEST_DIE") == here:
         os._exit(17)
+    if os.environ.get("CFBD_FAST_TEST_STALL") == here:
+        import time
+
+        time.sleep(3600)
