@@ -11,11 +11,15 @@ def cosine_score(s_o: np.ndarray) -> np.ndarray:
     return (1.0 - s_o).astype(np.float32)
 
 
-def safeclip_score(s_o: np.ndarray, valid: np.ndarray, seed: int = 0) -> tuple[np.ndarray, dict]:
+def safeclip_score(s_o: np.ndarray, valid: np.ndarray, seed: int = 0, gmm=None) -> tuple[np.ndarray, dict]:
     """SafeCLIP: a 2-component GMM on the pair cosine; a pair is safe when the posterior of the higher-mean
-    component is at least 0.9. Returns score = 1 - that posterior (flag score > 0.1) and the GMM summary."""
+    component is at least 0.9. Returns score = 1 - that posterior (flag score > 0.1) and the GMM summary.
+
+    `gmm`: the mixture already fitted on s_o[valid] as float64 (over several processes); fitted here if None.
+    """
     values = s_o[valid].astype(np.float64)
-    gmm = fit_gmm(values, k=2, seed=seed)
+    if gmm is None:
+        gmm = fit_gmm(values, k=2, seed=seed)
     upper = int(np.argmax(gmm.means))
     score = np.full(len(s_o), np.nan, dtype=np.float32)
     score[valid] = 1.0 - gmm.posterior(values, upper)

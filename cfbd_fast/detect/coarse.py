@@ -34,16 +34,28 @@ def coarse_split(c: np.ndarray, valid: np.ndarray, *, k: int = 5, gamma: float =
     On a CUDA device the EM passes and the posteriors run there in torch (`gmm.device`), not in numba.
     """
     values = c[valid]
-    posterior = np.full(len(c), np.nan, dtype=np.float32)
     if str(device).startswith("cuda"):
-        from ..gmm.device import fit_gmm_device, posterior_on_device
+        from ..gmm.device import fit_gmm_device
 
         gmm = fit_gmm_device(values, k=k, seed=seed, max_iter=max_iter, tol=tol, device=device)
-        lowest = int(np.argmin(gmm.means))
-        posterior[valid] = posterior_on_device(gmm, values, lowest, device)
     else:
         gmm = fit_gmm(values, k=k, seed=seed, max_iter=max_iter, tol=tol)
-        lowest = int(np.argmin(gmm.means))
+    return split_by(gmm, c, valid, gamma=gamma, device=device)
+
+
+def split_by(gmm, c: np.ndarray, valid: np.ndarray, *, gamma: float = 0.9, device: str = "cpu") -> CoarseSplit:
+    """The split under a GMM already fitted on the valid c (by `coarse_split`, or over several processes).
+
+    On a CUDA device the posteriors are computed there in torch (`gmm.device`).
+    """
+    values = c[valid]
+    posterior = np.full(len(c), np.nan, dtype=np.float32)
+    lowest = int(np.argmin(gmm.means))
+    if str(device).startswith("cuda"):
+        from ..gmm.device import posterior_on_device
+
+        posterior[valid] = posterior_on_device(gmm, values, lowest, device)
+    else:
         posterior[valid] = gmm.posterior(values, lowest)
     benign = np.zeros(len(c), dtype=bool)
     benign[valid] = posterior[valid] > gamma

@@ -48,17 +48,18 @@ def dense_rows(candidates: np.ndarray, captions: np.ndarray, q: int, neighbours:
     return candidates[order][:q]
 
 
-def candidate_rows(c: np.ndarray, valid: np.ndarray, q: int, mode: str) -> np.ndarray:
-    """Rows the seed set is chosen from, sorted: the top q by c for `top`, the top max(20q, 1000) for `dense`."""
-    pool = q if mode == "top" else max(20 * q, 1000)
-    return np.sort(top_rows(c, valid, pool))
+def pool_size(q: int, mode: str) -> int:
+    """How many of the rows with the largest c the seed set is chosen from: q for `top`, max(20q, 1000) for
+    `dense`."""
+    return q if mode == "top" else max(20 * q, 1000)
 
 
-def select_seeds(candidates: np.ndarray, c: np.ndarray, candidate_captions: np.ndarray, q: int, mode: str,
-                 neighbours: int = 10) -> np.ndarray:
-    """The seed set among `candidates` (from `candidate_rows`; captions in the same order) by `mode`."""
+def select_seeds(candidates: np.ndarray, candidate_c: np.ndarray, candidate_captions: np.ndarray | None, q: int,
+                 mode: str, neighbours: int = 10) -> np.ndarray:
+    """The seed set among `candidates` (the `pool_size` rows with the largest c; their c and, for `dense`, their
+    captions in the same order) by `mode`."""
     if mode == "top":
-        return candidates[np.lexsort((candidates, -c[candidates]))][:q]
+        return candidates[np.lexsort((candidates, -candidate_c))][:q]
     return dense_rows(candidates, candidate_captions, q, neighbours)
 
 

@@ -144,8 +144,13 @@ class RankRows:
             self._keys = pa.concat_arrays(parts) if len(parts) > 1 else parts[0]
         return self._keys
 
-    def labels(self) -> np.ndarray | None:
-        """Ground truth of this rank's rows from the stores' `is_poisoned` column (None where absent)."""
+    def labels(self, labels_path: str | Path | None = None) -> np.ndarray | None:
+        """Ground truth of this rank's rows: from a labels file, or the stores' `is_poisoned` column (None where
+        absent)."""
+        if labels_path is not None:
+            from ..pipeline.source import read_labels
+
+            return read_labels(labels_path, self.keys)
         meta = self.meta
         if "is_poisoned" not in meta.column_names:
             return None

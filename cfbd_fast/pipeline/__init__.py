@@ -1,7 +1,8 @@
 """`cfbd_fast.scan`: the CFBD pipeline over a store, out of core, behind one boundary that checks its input.
 
 options (the choices) -> source (the one reader) -> mapping, passes, paper / clusters (the stages, on arrays)
--> publish (the one writer). docs/architecture.md draws it.
+-> publish (the one writer). `run_stages` orders the stages for one process and for each rank of a distributed
+scan alike. docs/architecture.md draws it.
 Memory: one chunk of each matrix at a time plus O(N) float32 score arrays.
 """
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import InputError
+from .global_steps import GlobalSteps
 from .options import METHODS, SUBSETS, V_BENIGN, V_INVALID, V_POISONED, VERDICTS, ScanConfig
 from .publish import json_default, write_outputs
 
@@ -73,7 +75,7 @@ def scan(store, mapper=None, *, config: ScanConfig | None = None, labels: str | 
     import torch
 
     from ..threads import configure_threads
-    from . import clusters, mapping, paper, passes
+    from . import passes
     from .source import ChunkSource
 
     if config is not None and options:
@@ -89,9 +91,26 @@ def scan(store, mapper=None, *, config: ScanConfig | None = None, labels: str | 
     t_start = time.perf_counter()
     timer = passes.Timer(cfg.device, cfg.timings)
     source = ChunkSource(store)
-    if cfg.spec.needs_mapper and cfg.seed_set_size > source.rows:
+    s, summary = run_stages(GlobalSteps(source), mapper, cfg, labels=labels, progress=progress, timer=timer,
+                            t_start=t_start, threads=threads)
+    return ScanResult(store_path=str(source.path), row_id=np.arange(source.rows, dtype=np.int64), keys=source.keys,
+                      s_o=s.s_o, s_g=s.s_g, c=s.c, posterior=s.posterior, subset=s.subset, z=s.z, score=s.score,
+                      p_value=s.p_value, cluster=s.cluster, verdict=s.verdict, summary=summary, meta=source.meta)
+
+
+def run_stages(steps: GlobalSteps, mapper, cfg: ScanConfig, *, labels, progress: bool, timer, t_start: float,
+               threads: int):
+    """The scan's stages in order over the rows `steps` holds (steps.source: the passes' reader): the rows' Scores
+    and the summary. One process and the ranks of a distributed scan run this same function; their global steps
+    differ (global_steps.py)."""
+    import torch
+
+    from . import clusters, mapping, paper, passes
+
+    source = steps.source
+    if cfg.spec.needs_mapper and cfg.seed_set_size > steps.total_rows:
         raise InputError(f"seed_set_size (--seed-set-size) {cfg.seed_set_size} is larger than the store "
-                         f"({source.rows} rows): lower it")
+                         f"({steps.total_rows} rows): lower it")
     truth = source.labels(labels)  # resolved before any scoring
     timer.add("open", time.perf_counter() - t_start)
 
@@ -104,54 +123,61 @@ def scan(store, mapper=None, *, config: ScanConfig | None = None, labels: str | 
         mapper = mapping.with_precision(mapper, cfg)
         timer.add("mapper_fit", time.perf_counter() - t0)
 
+    steps.checkpoint("consistency")
     s = passes.consistency_pass(source, mapper, cfg, timer, progress)
+    passes.check_valid(s, steps)
+    steps.checkpoint("gmm")
     if cfg.spec.verdict == "clusters":  # cfbd: every caption cluster examined
-        paper.coarse_stage(s, cfg, source, timer)
-        reference = mapping.reference_sample(s, mapper, cfg, source)
-        found = clusters.cluster_stage(s, reference, cfg, source, timer)
+        paper.coarse_stage(s, cfg, steps, timer)
+        reference = mapping.reference_sample(s, mapper, cfg, steps)
+        found = clusters.cluster_stage(s, reference, cfg, steps, timer)
+        steps.checkpoint("correlation")
         z = passes.cluster_correlation_pass(s, found, cfg, source, timer, progress)
-        threshold = clusters.clusters_verdict(s, found, z, cfg, source, timer)
+        threshold = clusters.clusters_verdict(s, found, z, cfg, steps, timer)
     elif cfg.spec.needs_mapper:  # cfbd-paper, coarse: one seed set
-        split = paper.coarse_stage(s, cfg, source, timer)
-        corr_captions = paper.seed_stage(s, cfg, source, timer)
+        split = paper.coarse_stage(s, cfg, steps, timer)
+        corr_captions = paper.seed_stage(s, cfg, steps, timer)
+        steps.checkpoint("correlation")
         passes.correlation_pass(s, corr_captions, cfg, source, timer, progress)
-        threshold = paper.paper_verdict(s, split, cfg, timer)
+        threshold = paper.paper_verdict(s, split, cfg, steps, timer)
     else:
-        threshold = paper.baseline_verdict(s, cfg, timer)
+        threshold = paper.baseline_verdict(s, cfg, steps, timer)
 
     elapsed = time.perf_counter() - t_start
-    summary = _summary(s, cfg, source, labels, truth, mapper_fp, threshold, timer, elapsed, threads)
-    return ScanResult(store_path=str(source.path), row_id=np.arange(source.rows, dtype=np.int64), keys=source.keys,
-                      s_o=s.s_o, s_g=s.s_g, c=s.c, posterior=s.posterior, subset=s.subset, z=s.z, score=s.score,
-                      p_value=s.p_value, cluster=s.cluster, verdict=s.verdict, summary=summary, meta=source.meta)
+    summary = _summary(s, cfg, steps, labels, truth, mapper_fp, threshold, timer, elapsed, threads)
+    return s, summary
 
 
-def _summary(s, cfg: ScanConfig, source, labels, truth, mapper_fp, threshold: dict, timer,
+def _summary(s, cfg: ScanConfig, steps: GlobalSteps, labels, truth, mapper_fp, threshold: dict, timer,
              elapsed: float, threads: int) -> dict:
+    """The summary of the whole scan (global: counts over every row, the slowest process's times, the metrics)."""
     from ..detect import metrics
     from ..provenance import device_name, versions
 
     summary = dict(s.summary)
+    subset_counts = steps.bincount(s.subset, len(SUBSETS))
+    verdict_counts = steps.bincount(s.verdict, len(VERDICTS))
+    seconds = steps.slowest(list(timer.stages.values()) + [elapsed])
     summary.update({
         "config": {**cfg.as_dict(), "labels": str(labels) if labels else None},
-        "store": source.identity,
+        "store": steps.identity,
         "mapper": mapper_fp,
-        "seeds": {"rows": s.seed_rows.tolist(), "keys": source.keys.take(s.seed_rows).to_pylist()},
+        "seeds": {"rows": s.seed_rows.tolist(), "keys": steps.keys(s.seed_rows)},
         "counts": {
-            "subset": {str(name): int(np.sum(s.subset == i)) for i, name in enumerate(SUBSETS)},
-            "verdict": {str(name): int(np.sum(s.verdict == i)) for i, name in enumerate(VERDICTS)},
+            "subset": {str(name): int(subset_counts[i]) for i, name in enumerate(SUBSETS)},
+            "verdict": {str(name): int(verdict_counts[i]) for i, name in enumerate(VERDICTS)},
         },
         "threshold": threshold,
-        "timings_s": {k: round(v, 4) for k, v in timer.stages.items()} | {"total": round(elapsed, 4)},
-        "rows_per_s": source.rows / elapsed if elapsed > 0 else None,
+        "timings_s": {k: round(float(v), 4) for k, v in zip([*timer.stages, "total"], seconds)},
+        "rows_per_s": steps.total_rows / float(seconds[-1]) if seconds[-1] > 0 else None,
         "device": device_name(cfg.device),
         "threads": threads,
         "versions": versions(),
         "warnings": list(s.warnings),
     })
     if truth is not None:
-        valid = s.valid
-        summary["metrics"] = metrics.detection_metrics(truth[valid], s.verdict[valid] == V_POISONED, s.score[valid])
+        summary["metrics"] = metrics.detection_metrics(*steps.in_row_order(s.valid, truth, s.verdict == V_POISONED,
+                                                                           s.score))
         if len(s.seed_rows):
-            summary["metrics"]["seed_precision"] = float(truth[s.seed_rows].mean())
+            summary["metrics"]["seed_precision"] = float(steps.values(truth, s.seed_rows).mean())
     return summary

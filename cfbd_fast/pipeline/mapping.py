@@ -10,6 +10,7 @@ import numpy as np
 from ..detect import seeds
 from ..errors import InputError
 from ..provenance import file_digest, text_digest
+from .global_steps import GlobalSteps
 from .options import ScanConfig
 from .passes import Scores
 from .source import ChunkSource
@@ -69,13 +70,15 @@ class Reference:
     image_coherence: float
 
 
-def reference_sample(s: Scores, mapper, cfg: ScanConfig, source: ChunkSource) -> Reference:
-    """A random sample of valid rows with F(I); records how much better F(I) predicts T than I does."""
+def reference_sample(s: Scores, mapper, cfg: ScanConfig, steps: GlobalSteps) -> Reference:
+    """A random sample of valid rows with F(I); records how much better F(I) predicts T than I does.
+
+    Global: the sample is drawn from every valid row and its rows are fetched to every process.
+    """
     import torch
 
-    rng = np.random.default_rng(cfg.random_seed)
-    rows = np.sort(rng.choice(np.flatnonzero(s.valid), size=min(FIT_SAMPLE, int(s.valid.sum())), replace=False))
-    captions, images = source.gather("text", rows), source.gather("image", rows)
+    rows = steps.sample_valid(s.valid, FIT_SAMPLE, np.random.default_rng(cfg.random_seed))
+    captions, images = steps.fetch("text", rows), steps.fetch("image", rows)
     with torch.no_grad():
         generated = mapper.map(torch.from_numpy(images).to(cfg.device), rows).float().cpu().numpy()
     t, i, g = (seeds.normalize_rows(x) for x in (captions, images, generated))

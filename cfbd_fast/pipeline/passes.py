@@ -68,7 +68,8 @@ class Scores:
 
 # -- pass 1 --------------------------------------------------------------------------------------------------
 def consistency_pass(source: ChunkSource, mapper, cfg: ScanConfig, timer: Timer, progress: bool) -> Scores:
-    """s_o, s_g and c for every row (NaN for rows with NaN/inf or zero-norm vectors: the kernels mark them).
+    """s_o, s_g and c for every row of `source` (NaN for rows with NaN/inf or zero-norm vectors: the kernels mark
+    them; `check_valid` then counts them over all rows).
 
     Keeps the caption matrix on the device for pass 2 when it fits in --device-memory-share of the free memory.
     """
@@ -109,13 +110,6 @@ def consistency_pass(source: ChunkSource, mapper, cfg: ScanConfig, timer: Timer,
         timer.add("consistency", time.perf_counter() - t0)
     s_o, s_g, c = results["s_o"], results["s_g"], results["c"]
     valid = ~np.isnan(c) if needs_mapper else ~np.isnan(s_o)
-    if not valid.any():
-        raise InputError(f"{source.path}: every row has a NaN/inf or zero-norm embedding; nothing to scan")
-    warnings = []
-    if not valid.all():
-        n_bad = int((~valid).sum())
-        warnings.append(f"{n_bad:,} row{'s' if n_bad != 1 else ''} with NaN/inf or zero-norm embeddings "
-                        "(listed in invalid.txt) took no part in any fit or verdict: re-embed them")
     subset = np.full(n, SUSPICIOUS, dtype=np.int8)
     subset[~valid] = INVALID
     verdict = np.full(n, V_BENIGN, dtype=np.int8)
@@ -123,8 +117,19 @@ def consistency_pass(source: ChunkSource, mapper, cfg: ScanConfig, timer: Timer,
     return Scores(s_o=s_o, s_g=s_g, c=c, valid=valid, posterior=np.full(n, np.nan, dtype=np.float32),
                   subset=subset, z=np.full(n, np.nan, dtype=np.float32), verdict=verdict,
                   p_value=np.full(n, np.nan, dtype=np.float64), cluster=np.full(n, -1, dtype=np.int16),
-                  warnings=warnings, text_on_device=resident,
+                  text_on_device=resident,
                   summary={"transfer": {"staged": feeder.staged, "text_resident": resident is not None}})
+
+
+def check_valid(s: Scores, steps) -> None:
+    """Refuse data with no valid row; warn of invalid rows (global: counted over every row)."""
+    n_valid = steps.count(s.valid)
+    if n_valid == 0:
+        raise InputError(f"{steps.path}: every row has a NaN/inf or zero-norm embedding; nothing to scan")
+    n_bad = steps.total_rows - n_valid
+    if n_bad:
+        s.warnings.append(f"{n_bad:,} row{'s' if n_bad != 1 else ''} with NaN/inf or zero-norm embeddings "
+                          "(listed in invalid.txt) took no part in any fit or verdict: re-embed them")
 
 
 # -- pass 2 --------------------------------------------------------------------------------------------------
