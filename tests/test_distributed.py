@@ -1,12 +1,16 @@
 """The scan under torch.distributed (real torchrun processes, gloo on CPU) gives the single process's answer, on
-one store and on shard stores; a killed rank fails the run with nothing published; the distributed order
-statistics and Benjamini-Hochberg cut equal numpy's and the single-process ones on adversarial data."""
+one store and on shard stores; a killed or stalled rank fails the run with nothing published; the distributed
+order statistics and Benjamini-Hochberg cut equal numpy's and the single-process ones on adversarial data.
+
+Each torchrun launch runs several commands (tests/cli_commands.py), and the failing runs start together, so that
+the file pays for few process starts."""
 import json
 import os
 import socket
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -22,6 +26,8 @@ from cfbd_fast.store import EmbeddingStore
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 OUTPUTS = ("scores.parquet", "poisoned.txt", "keep.txt", "invalid.txt", "keep.parquet", "flagged.csv",
            "summary.json")
+COMMANDS = Path(__file__).parent / "cli_commands.py"
+ROWS = 12_000
 
 
 # -- helpers ------------------------------------------------------------------------------------------------
@@ -31,12 +37,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _cli(*args, ranks: int = 1, env=None, timeout: int = 240) -> subprocess.CompletedProcess:
-    """`cfbd-fast ARGS` in one process, or under torchrun with `ranks` processes."""
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks),
-                "--master-addr", "127.0.0.1", "--master-port", str(_free_port())] if ranks > 1 else [sys.executable]
-    return subprocess.run([*launcher, "-m", "cfbd_fast.cli.main", *map(str, args)], capture_output=True, text=True,
-                          env={**ENV, **(env or {})}, timeout=timeout)
+def _launch(commands, ranks: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`cfbd-fast` commands (argument lists) one after the other, in one process or in each of `ranks` processes
+    of one torchrun launch."""
+    launcher = ["-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-addr", "127.0.0.1",
+                "--master-port", str(_free_port())] if ranks > 1 else []
+    return subprocess.run([sys.executable, *launcher, str(COMMANDS), json.dumps([list(map(str, c)) for c in commands])],
+                          capture_output=True, text=True, env=ENV, timeout=timeout)
+
+
+def _spawn(world, *args, env=None):
+    """`cfbd-fast ARGS` as `world` ranks started by hand (the environment torchrun would set), not waited for."""
+    base = {**ENV, **(env or {}), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(_free_port())}
+    return [subprocess.Popen([sys.executable, "-m", "cfbd_fast.cli.main", *map(str, args)], text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(world)]
 
 
 def _assert_same_outputs(one, many):
@@ -64,15 +80,15 @@ def _assert_same_outputs(one, many):
 # -- inputs ---------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    """20k rows, 256 dims, 1% poisoned (the cluster verdict finds the backdoor), a mapper, and the same rows as
+    """12k rows, 256 dims, 2% poisoned (the cluster verdict finds the backdoor), a mapper, and the same rows as
     three shard stores of unequal sizes."""
     out = tmp_path_factory.mktemp("dist")
-    store, ref = write_demo_stores(out, rows=20_000, dim=256, poison_rate=0.01, seed=0, reference_rows=20_000,
+    store, ref = write_demo_stores(out, rows=ROWS, dim=256, poison_rate=0.02, seed=0, reference_rows=12_000,
                                    progress=False)
     mapper = save_mapper(train_demo_mapper(ref, seed=0), out / "mapper.safetensors")
     src = EmbeddingStore.open(store)
     (out / "parts").mkdir()
-    for i, (lo, hi) in enumerate(((0, 5000), (5000, 13_000), (13_000, 20_000))):
+    for i, (lo, hi) in enumerate(((0, 3000), (3000, 8000), (8000, ROWS))):
         shard = EmbeddingStore.create(out / "parts" / f"part-{i}.cfbd", src.dim, dtype="float16", model=src.model,
                                       pretrained=src.pretrained, normalized=True)
         shard.append(image=np.asarray(src.image[lo:hi]), text=np.asarray(src.text[lo:hi]),
@@ -82,80 +98,163 @@ def demo(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def single_runs(demo):
-    """The single-process scan's outputs per method."""
+def runs(demo):
+    """Every successful run, one launch per number of ranks: one process scans the store with cfbd and
+    cfbd-paper; 2 ranks scan the store and the shards with cfbd and embed .tar shards; 3 ranks scan the store
+    with cfbd and cfbd-paper and the shards with cfbd. Each launch's outputs by name."""
+    from test_embed import TINY_MODEL, _write_shards
+
     out, store, mapper = demo
-    runs = {}
-    for method in ("cfbd", "cfbd-paper"):
-        result = _cli("scan", store, "--mapper", mapper, "--method", method, "--out", out / f"one-{method}", "--quiet")
-        assert result.returncode == 0, result.stderr
-        runs[method] = out / f"one-{method}"
-    return runs
+    _write_shards(out / "tars")
+    embed = ["embed", out / "tars", "--model", TINY_MODEL, "--workers", "0", "--quiet"]
+
+    def scan(method, dest, *data):
+        return ["scan", *(data or (store,)), "--mapper", mapper, "--method", method, "--out", out / dest, "--quiet"]
+
+    shards = ("--shards", out / "parts" / "*.cfbd")
+    launches = {
+        1: [scan("cfbd", "one-cfbd"), scan("cfbd-paper", "one-cfbd-paper"), [*embed, "--out", out / "one.cfbd"]],
+        2: [[*embed, "--out", out / "tar-parts", "--json"], scan("cfbd", "ranks2-cfbd"),
+            scan("cfbd", "shards2", *shards)],
+        3: [scan("cfbd", "ranks3-cfbd"), scan("cfbd-paper", "ranks3-cfbd-paper"), scan("cfbd", "shards3", *shards)],
+    }
+    results = {}
+    for ranks, commands in launches.items():
+        result = _launch(commands, ranks=ranks)
+        assert result.returncode == 0, result.stderr[-12000:]
+        results[ranks] = result
+    return out, results
 
 
 # -- the scan across ranks ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("method,ranks", [("cfbd", 2), ("cfbd", 3), ("cfbd-paper", 3)])
-def test_ranks_on_one_store_match_one_process(demo, single_runs, method, ranks):
-    out, store, mapper = demo
+def test_ranks_on_one_store_match_one_process(runs, method, ranks):
+    out, _ = runs
     dest = out / f"ranks{ranks}-{method}"
-    result = _cli("scan", store, "--mapper", mapper, "--method", method, "--out", dest, "--quiet", ranks=ranks)
-    assert result.returncode == 0, result.stderr[-12000:]
-    one, many = _assert_same_outputs(single_runs[method], dest)
+    one, many = _assert_same_outputs(out / f"one-{method}", dest)
     assert many["distributed"]["world_size"] == ranks
-    assert sum(many["distributed"]["rows_per_rank"]) == 20_000
+    assert sum(many["distributed"]["rows_per_rank"]) == ROWS
     assert one["counts"]["verdict"]["poisoned"] > 100  # the comparison is about a real detection
+    if method == "cfbd":
+        assert one["cluster"]["found"]
     assert not any(p.name.startswith(".cfbd-scan") for p in dest.iterdir())  # the temporary folder is gone
 
 
 @pytest.mark.parametrize("ranks", [2, 3])
-def test_shard_stores_match_one_store(demo, single_runs, ranks):
+def test_shard_stores_match_one_store(runs, ranks):
     """Three shards, round-robin over the ranks (with 2 ranks, rank 0 holds the first and last shard)."""
-    out, store, mapper = demo
-    dest = out / f"shards{ranks}"
-    result = _cli("scan", "--shards", out / "parts" / "*.cfbd", "--mapper", mapper, "--out", dest, "--quiet",
-                  ranks=ranks)
-    assert result.returncode == 0, result.stderr[-12000:]
-    _, many = _assert_same_outputs(single_runs["cfbd"], dest)
+    out, _ = runs
+    _, many = _assert_same_outputs(out / "one-cfbd", out / f"shards{ranks}")
     assert len(many["store"]["shards"]) == 3
 
 
-def _spawn(world, *args, env=None):
-    """`cfbd-fast ARGS` as `world` ranks started by hand (the environment torchrun would set); their results."""
-    base = {**ENV, **(env or {}), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(_free_port())}
-    procs = [subprocess.Popen([sys.executable, "-m", "cfbd_fast.cli.main", *map(str, args)], text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(world)]
-    return [(p.wait(timeout=240), p.stdout.read(), p.stderr.read()) for p in procs]
+def test_embed_ranks_write_one_shard_store_per_input_shard(runs):
+    """Two ranks share three .tar shards round-robin; the shard stores hold, in order, what one store holds."""
+    out, results = runs
+    stdout = results[2].stdout
+    report, _ = json.JSONDecoder().raw_decode(stdout[stdout.index("{"):])
+    assert report["ranks"] == 2 and report["rows_written"] == 10
+    parts = sorted((out / "tar-parts").glob("*.cfbd"))
+    assert [p.name for p in parts] == ["00000.cfbd", "00001.cfbd", "00002.cfbd"]
+    with EmbeddingStore.open(out / "one.cfbd") as whole:
+        keys = whole.meta.column("key").to_pylist()
+        image, text = np.asarray(whole.image, dtype=np.float32), np.asarray(whole.text, dtype=np.float32)
+    stores = [EmbeddingStore.open(p) for p in parts]
+    assert sum((s.meta.column("key").to_pylist() for s in stores), []) == keys
+    np.testing.assert_allclose(np.concatenate([np.asarray(s.image, dtype=np.float32) for s in stores]), image,
+                               atol=2e-3)
+    np.testing.assert_allclose(np.concatenate([np.asarray(s.text, dtype=np.float32) for s in stores]), text,
+                               atol=2e-3)
 
 
-def test_killed_rank_fails_the_run_and_publishes_nothing(demo):
+# -- ranks that fail ----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def failed_runs(demo):
+    """Three runs of 2 ranks started together: rank 1 killed before pass 2, rank 1 killed while publishing,
+    rank 1 stalled before the GMM (the others give up after --timeout 10). Each run's (code, stderr) per rank."""
     out, store, mapper = demo
-    dest = out / "killed"
-    (code0, _, err0), (code1, _, _) = _spawn(2, "scan", store, "--mapper", mapper, "--out", dest, "--quiet",
-                                             env={"CFBD_FAST_TEST_DIE": "correlation:1"})
+    runs = {
+        "killed": _spawn(2, "scan", store, "--mapper", mapper, "--out", out / "killed", "--quiet",
+                         env={"CFBD_FAST_TEST_DIE": "correlation:1"}),
+        "killed-publish": _spawn(2, "scan", store, "--mapper", mapper, "--method", "cfbd-paper", "--out",
+                                 out / "killed-publish", "--quiet", env={"CFBD_FAST_TEST_DIE": "publish:1"}),
+        "stalled": _spawn(2, "scan", store, "--mapper", mapper, "--out", out / "stalled", "--quiet", "--timeout", "10",
+                          env={"CFBD_FAST_TEST_STALL": "gmm:1"}),
+    }
+    results = {}
+    try:
+        for name, (rank0, rank1) in runs.items():
+            code0 = rank0.wait(timeout=300)
+            if name == "stalled":
+                rank1.kill()  # it would sleep for an hour
+            results[name] = [(code0, rank0.stderr.read()), (rank1.wait(timeout=60), rank1.stderr.read())]
+    finally:
+        for procs in runs.values():
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+    return out, results
+
+
+def _nothing_published(dest):
+    return not dest.exists() or not any((dest / name).exists() for name in OUTPUTS)
+
+
+def test_killed_rank_fails_the_run_and_publishes_nothing(failed_runs):
+    out, results = failed_runs
+    (code0, err0), (code1, _) = results["killed"]
     assert code1 == 17  # the process died where it was told to
     assert code0 == 1
     assert "rank 0 of 2" in err0 and "another rank died or timed out" in err0
-    assert not dest.exists() or not any((dest / name).exists() for name in OUTPUTS)
+    assert _nothing_published(out / "killed")
 
 
-def test_killed_rank_while_publishing(demo):
+def test_killed_rank_while_publishing(failed_runs):
     """A rank that dies after the others have written their parts: still nothing published, no parts left."""
-    out, store, mapper = demo
-    dest = out / "killed-publish"
-    (code0, _, err0), (code1, _, _) = _spawn(2, "scan", store, "--mapper", mapper, "--method", "cfbd-paper",
-                                             "--out", dest, "--quiet", env={"CFBD_FAST_TEST_DIE": "publish:1"})
+    out, results = failed_runs
+    (code0, err0), (code1, _) = results["killed-publish"]
     assert (code0, code1) == (1, 17)
     assert "another rank died or timed out" in err0
+    dest = out / "killed-publish"
     assert not any(dest.iterdir()) if dest.exists() else True
 
 
-def test_methods_fitted_on_a_sample_are_refused(demo):
+def test_stalled_rank_times_the_run_out(failed_runs):
+    """A rank that hangs: the others give up after --timeout with a clear error and publish nothing."""
+    out, results = failed_runs
+    (code0, err0), _ = results["stalled"]
+    assert code0 == 1
+    assert "another rank died or timed out" in err0
+    assert _nothing_published(out / "stalled")
+
+
+# -- refused options --------------------------------------------------------------------------------------------
+def _invoke(*args, monkeypatch):
+    """`cfbd-fast ARGS` in this process, with no launcher's environment."""
+    from typer.testing import CliRunner
+
+    from cfbd_fast.cli.main import app
+
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    return CliRunner().invoke(app, list(map(str, args)))
+
+
+def test_methods_fitted_on_a_sample_are_refused(demo, monkeypatch):
     out, store, mapper = demo
-    result = _cli("scan", "--shards", out / "parts" / "*.cfbd", "--mapper", "self", "--out", out / "refused")
-    assert result.returncode == 1
-    assert "not supported by the distributed scan" in result.stderr
+    result = _invoke("scan", "--shards", out / "parts" / "*.cfbd", "--mapper", "self", "--out", out / "refused",
+                     monkeypatch=monkeypatch)
+    assert result.exit_code == 1
+    assert "not supported by the distributed scan" in result.output
+
+
+def test_distributed_without_a_launcher_says_how_to_start(demo, monkeypatch):
+    out, store, mapper = demo
+    result = _invoke("scan", store, "--mapper", mapper, "--distributed", "--out", out / "no-launcher", "--quiet",
+                     monkeypatch=monkeypatch)
+    assert result.exit_code == 1
+    assert "torchrun --nproc-per-node N" in result.output
 
 
 # -- exact order statistics and cuts across ranks (threads standing in for ranks) ---------------------------
@@ -277,64 +376,3 @@ def test_distributed_fdr_and_null_equal_the_single_process():
         assert np.array_equal(np.concatenate([r[2] for r in results]), reject)
         assert all(r[3] == cut for r in results)
         assert np.array_equal(reject, reject_want)
-
-
-# -- embed across ranks ---------------------------------------------------------------------------------------
-def test_embed_ranks_write_one_shard_store_per_input_shard(tmp_path):
-    """Two ranks share three .tar shards round-robin; the shard stores hold, in order, what one store holds."""
-    from test_embed import TINY_MODEL, _write_shards
-
-    _write_shards(tmp_path / "shards")
-    flags = ["--model", TINY_MODEL, "--workers", "0", "--quiet"]
-    one = _cli("embed", tmp_path / "shards", "--out", tmp_path / "one.cfbd", *flags)
-    assert one.returncode == 0, one.stderr
-    many = _cli("embed", tmp_path / "shards", "--out", tmp_path / "parts", *flags, "--json", ranks=2)
-    assert many.returncode == 0, many.stderr[-6000:]
-    report = json.loads(many.stdout[many.stdout.index("{"):])
-    assert report["ranks"] == 2 and report["rows_written"] == 10
-    parts = sorted((tmp_path / "parts").glob("*.cfbd"))
-    assert [p.name for p in parts] == ["00000.cfbd", "00001.cfbd", "00002.cfbd"]
-    with EmbeddingStore.open(tmp_path / "one.cfbd") as whole:
-        keys = whole.meta.column("key").to_pylist()
-        image, text = np.asarray(whole.image, dtype=np.float32), np.asarray(whole.text, dtype=np.float32)
-    stores = [EmbeddingStore.open(p) for p in parts]
-    assert sum((s.meta.column("key").to_pylist() for s in stores), []) == keys
-    np.testing.assert_allclose(np.concatenate([np.asarray(s.image, dtype=np.float32) for s in stores]), image,
-                               atol=2e-3)
-    np.testing.assert_allclose(np.concatenate([np.asarray(s.text, dtype=np.float32) for s in stores]), text,
-                               atol=2e-3)
-
-
-def test_distributed_without_a_launcher_says_how_to_start(demo, monkeypatch):
-    from typer.testing import CliRunner
-
-    from cfbd_fast.cli.main import app
-
-    out, store, mapper = demo
-    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(name, raising=False)
-    result = CliRunner().invoke(app, ["scan", str(store), "--mapper", str(mapper), "--distributed",
-                                      "--out", str(out / "no-launcher"), "--quiet"])
-    assert result.exit_code == 1
-    assert "torchrun --nproc-per-node N" in result.output
-
-
-def test_stalled_rank_times_the_run_out(demo):
-    """A rank that hangs: the others give up after --timeout with a clear error and publish nothing."""
-    out, store, mapper = demo
-    dest = out / "stalled"
-    base = {**ENV, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
-            "CFBD_FAST_TEST_STALL": "gmm:1"}
-    args = [sys.executable, "-m", "cfbd_fast.cli.main", "scan", str(store), "--mapper", str(mapper), "--out",
-            str(dest), "--quiet", "--timeout", "10"]
-    procs = [subprocess.Popen(args, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(2)]
-    try:
-        code0 = procs[0].wait(timeout=180)
-        err0 = procs[0].stderr.read()
-    finally:
-        procs[1].kill()
-        procs[1].wait()
-    assert code0 == 1
-    assert "another rank died or timed out" in err0
-    assert not dest.exists() or not any((dest / name).exists() for name in OUTPUTS)
