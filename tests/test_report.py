@@ -220,3 +220,15 @@ def test_explain_unknown_key_is_one_line(scans):
     assert "no row has key 'no-such-key'" in result.stderr
     result = runner.invoke(app, ["explain", str(scans["cfbd"]), "no-such-key", "--json"])
     assert result.exit_code == 1 and "no row has key" in json.loads(result.stdout)["error"]
+
+
+def test_demo_ends_with_its_report(tmp_path):
+    """`cfbd-fast demo` writes the scan's report beside its outputs and names it in the summary."""
+    result = runner.invoke(app, ["demo", "--rows", "6000", "--dim", "64", "--poison-rate", "0.01", "--no-compare",
+                                 "--out", str(tmp_path / "demo"), "--quiet", "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)["runs"]["cfbd"]
+    report = Path(summary["report"])
+    assert report == tmp_path / "demo" / "scan" / "report.html"
+    page = report.read_text()
+    assert summary["metrics"]["positives"] == 60 and page.count("data:image/png;base64,") >= 3

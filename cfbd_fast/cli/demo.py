@@ -30,7 +30,8 @@ def demo(
     quiet: Quiet = False,
     json_out: Json = False,
 ) -> None:
-    """Generate a demo dataset, train a mapping network on its clean split, scan it and report the metrics."""
+    """Generate a demo dataset, train a mapping network on its clean split, scan it (report.html beside the outputs)
+    and report the metrics."""
     from ..demo import train_demo_mapper, write_demo_stores
     from ..mapper import save_mapper
     from ..pipeline import json_default, scan
@@ -53,8 +54,11 @@ def demo(
     prepare_s = time.perf_counter() - t0
 
     result = scan(scan_store, mapper_path, progress=progress, device=device.value, random_seed=seed)
+    from ..report import build_report
+
     result.write(out / "scan")
     result.summary["out"] = str(out / "scan")
+    result.summary["report"] = str(build_report(out / "scan"))
     runs = {"cfbd": result.summary}
     if compare:
         for method in BASELINES:
