@@ -1,11 +1,8 @@
 """cfbd_fast.gmm against scikit-learn's GaussianMixture: exact EM parity, default-fit quality, determinism, inputs."""
 from __future__ import annotations
 
-import sys
 import tracemalloc
 import warnings
-from pathlib import Path
-
 import numba
 import numpy as np
 import pytest
@@ -15,26 +12,7 @@ from sklearn.mixture import GaussianMixture
 from cfbd_fast.errors import InputError
 from cfbd_fast.gmm import GaussianMixture1D, fit_gmm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from bench_gmm import consistency_like  # noqa: E402  (the benchmark's own data, so the test covers it)
-
-
-def dataset(name: str, n: int, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    if name == "consistency":
-        return consistency_like(n, seed).astype(np.float64)
-    if name == "separated":
-        c = rng.integers(0, 5, n)
-        return np.array([-4.0, -1.0, 0.5, 3.0, 8.0])[c] + rng.normal(0, 1, n) * np.array([0.3, 0.5, 0.2, 1.0, 0.7])[c]
-    if name == "lognormal":
-        return rng.lognormal(0.0, 1.0, n)
-    if name == "overlap":
-        return np.array([0.0, 0.5, 1.0])[rng.integers(0, 3, n)] + rng.normal(0, 0.4, n)
-    if name == "poisoned":
-        n_poison = n // 100
-        return rng.permutation(np.concatenate([np.abs(rng.normal(0.05, 0.03, n - n_poison)),
-                                               rng.normal(0.3, 0.02, n_poison)]))
-    raise ValueError(name)
+from gmm_data import consistency_like, dataset  # the data sets, shared with test_gmm_device.py
 
 
 def sklearn_from_params(weights, means, variances, n_iter=1, reg_covar=1e-6, tol=0.0):

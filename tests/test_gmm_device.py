@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,25 +13,7 @@ import pytest
 from cfbd_fast.gmm import fit_gmm
 from cfbd_fast.gmm.device import fit_gmm_device, posterior_on_device
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from bench_gmm import consistency_like  # noqa: E402  (the benchmark's own data)
-
-
-def dataset(name: str, n: int, seed: int = 0) -> np.ndarray:
-    """test_gmm's data sets (repeated here so that this file needs no scikit-learn on a GPU machine)."""
-    rng = np.random.default_rng(seed)
-    if name == "consistency":
-        return consistency_like(n, seed).astype(np.float64)
-    if name == "separated":
-        c = rng.integers(0, 5, n)
-        return np.array([-4.0, -1.0, 0.5, 3.0, 8.0])[c] + rng.normal(0, 1, n) * np.array([0.3, 0.5, 0.2, 1.0, 0.7])[c]
-    if name == "lognormal":
-        return rng.lognormal(0.0, 1.0, n)
-    if name == "overlap":
-        return np.array([0.0, 0.5, 1.0])[rng.integers(0, 3, n)] + rng.normal(0, 0.4, n)
-    n_poison = n // 100  # "poisoned"
-    return rng.permutation(np.concatenate([np.abs(rng.normal(0.05, 0.03, n - n_poison)),
-                                           rng.normal(0.3, 0.02, n_poison)]))
+from gmm_data import dataset  # test_gmm.py's data sets (no scikit-learn needed)
 
 CASES = [("consistency", 5, 200_000), ("separated", 5, 50_000), ("poisoned", 2, 100_000), ("overlap", 3, 30_000),
          ("lognormal", 1, 1_000)]

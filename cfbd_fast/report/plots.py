@@ -89,7 +89,7 @@ def consistency_plot(out: ScanOutputs) -> str | None:
                 ax.axvspan(x[benign].min(), x[benign].max(), color=BENIGN_REGION, alpha=0.15,
                            label=f"benign region (posterior > {level:g})")
     ax.set_ylim(bottom=0.8)
-    ax.set_xlabel("c = s_g - s_o (consistency)" if name == "c" else "s_o = cos(image, caption)")
+    ax.set_xlabel("c = |s_g - s_o| (consistency)" if name == "c" else "s_o = cos(image, caption)")
     what = "SafeCLIP's GMM" if "safe_component" in (gmm or {}) else "GMM of the coarse stage" if gmm else \
         "distribution"
     ax.set_title(f"{name}: {what}", fontsize=10)
