@@ -4,7 +4,6 @@ tower trained without the poisoned rows does not."""
 from __future__ import annotations
 
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
