@@ -342,7 +342,8 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def ensure_all(cache: Path | None = None, small: bool = False, seed: int = 0, progress: bool = True) -> dict:
+def ensure_all(cache: Path | None = None, small: bool = False, seed: int = 0, progress: bool = True,
+               retrain: bool = False) -> dict:
     """Build whatever is missing: emoji, the four parts, the trained model; returns their paths and the tower's
     test retrieval figures."""
     from realdata_tower import evaluate_retrieval, train_image_tower
@@ -354,7 +355,7 @@ def ensure_all(cache: Path | None = None, small: bool = False, seed: int = 0, pr
     seconds["fetch"] = time.perf_counter() - start
     parts = build_dataset(cache, SMALL if small else FULL, seed=seed, progress=progress)
     seconds["dataset"] = time.perf_counter() - start - sum(seconds.values())
-    model_dir = train_image_tower(cache, small=small, seed=seed, progress=progress)
+    model_dir = train_image_tower(cache, small=small, seed=seed, progress=progress, retrain=retrain)
     seconds["tower"] = time.perf_counter() - start - sum(seconds.values())
     retrieval = evaluate_retrieval(model_dir, cache / "test", progress=progress)
     seconds["evaluate"] = time.perf_counter() - start - sum(seconds.values())
@@ -366,8 +367,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--small", action="store_true", help="the test-size variant (.cache/realdata-small)")
     parser.add_argument("--cache", type=Path, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--retrain", action="store_true",
+                        help="train the image tower even where the shipped weights (benchmarks/data/) fit")
     args = parser.parse_args(argv)
-    result = ensure_all(args.cache, small=args.small, seed=args.seed)
+    result = ensure_all(args.cache, small=args.small, seed=args.seed, retrain=args.retrain)
     for part, path in result["parts"].items():
         print(f"{part:7s} {sum(1 for _ in open(path)) - 1:6d} pairs  {path}")
     print(f"model   local-dir:{result['model']}")
