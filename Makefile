@@ -32,8 +32,8 @@ $(VENV)/.built: $(VENV)/.deps setup.py CMakeLists.txt $(wildcard csrc/*)
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
-# Real-image benchmark material in .cache/realdata/ (git-ignored): captioned emoji parts and a trained
-# open_clip local-dir model; builds only what is missing. Needs npm for the emoji package.
+# Real-image benchmark material in .cache/realdata/ (git-ignored): captioned emoji parts and the open_clip local-dir
+# model (its image tower's weights ship in benchmarks/data/); builds only what is missing. Needs npm for the emoji.
 realdata: build
 	$(BIN)/python benchmarks/realdata.py
 
