@@ -38,6 +38,13 @@ def _normal_pdf(x: np.ndarray, mean: float, var: float) -> np.ndarray:
     return np.exp(-0.5 * (x - mean) ** 2 / var) / math.sqrt(2 * math.pi * var)
 
 
+def _histogram_figure():
+    """One histogram panel of the report's size and margins."""
+    fig, ax = _pyplot().subplots(figsize=(6, 3.4))
+    fig.subplots_adjust(**MARGINS)
+    return fig, ax
+
+
 def _histogram(ax, values: np.ndarray, groups: list, bins: np.ndarray) -> None:
     """Stacked histogram of the groups (mask, label, colour) on a log count axis."""
     data = [values[mask] for mask, _, _ in groups]
@@ -63,9 +70,7 @@ def consistency_plot(out: ScanOutputs) -> str | None:
     finite = np.isfinite(values)
     if not finite.any():
         return None
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3.4))
-    fig.subplots_adjust(**MARGINS)
+    fig, ax = _histogram_figure()
     bins = np.linspace(values[finite].min(), values[finite].max(), 80)
     _histogram(ax, values, _groups(out, finite), bins)
     if gmm:
@@ -103,9 +108,7 @@ def score_plot(out: ScanOutputs) -> str | None:
     finite = np.isfinite(values)
     if not finite.any():
         return None
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3.4))
-    fig.subplots_adjust(**MARGINS)
+    fig, ax = _histogram_figure()
     lo, hi = np.percentile(values[finite], [0, 100])
     thresholds = {k: v for k, v in score_thresholds(out.summary).items() if np.isfinite(v)}
     hi = max([hi, *[v * 1.02 for v in thresholds.values()]])
