@@ -12,6 +12,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from .errors import InputError
+from .locking import writer_lock
 from .store import EmbeddingStore, write_batches
 
 _KEY_COLUMNS = ("key", "image_path", "url")  # first one present becomes the store's `key`
@@ -65,12 +66,16 @@ def _write_new_store(out: str | os.PathLike, *args, **kwargs) -> EmbeddingStore:
 
     out = Path(out)
     existed = out.exists()
-    try:
-        return write_batches(out, *args, **kwargs)
-    except BaseException:
-        if not existed:
-            shutil.rmtree(out, ignore_errors=True)
-        raise
+    if existed and not out.is_dir():
+        raise InputError(f"{out} already exists; choose a new path or delete it")
+    out.mkdir(parents=True, exist_ok=True)
+    with writer_lock(out, "store"):  # held through the clean-up, so a failed import never removes another's store
+        try:
+            return write_batches(out, *args, **kwargs)
+        except BaseException:
+            if not existed:
+                shutil.rmtree(out, ignore_errors=True)
+            raise
 
 
 def _meta_batches(parquet_file: Any, columns: dict[str, str], offset: int, batch_rows: int) -> Iterator[tuple]:

@@ -4,6 +4,7 @@ The on-disk format is described in docs/store-format.md; the binary work is done
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -18,6 +19,7 @@ import numpy as np
 from . import _core
 from ._version import __version__
 from .errors import InputError, StoreFormatError
+from .locking import LOCK_NAME, writer_lock
 from .progress import progress_bar
 
 FORMAT_NAME = "cfbd-store"
@@ -167,8 +169,9 @@ class EmbeddingStore:
     zero-copy and read-only; `iter_chunks` streams with bounded memory.
     """
 
-    def __init__(self, path: Path, core: Any, body: dict, writable: bool):
+    def __init__(self, path: Path, core: Any, body: dict, writable: bool, lock: contextlib.ExitStack | None = None):
         self._path = path
+        self._lock = lock
         self._core = core
         self._body = body
         self._writable = writable
@@ -194,11 +197,8 @@ class EmbeddingStore:
         bad = [m for m in matrices if not isinstance(m, str) or not _MATRIX_NAME.match(m)]
         if not matrices or bad or len(set(matrices)) != len(matrices):
             raise InputError(f"matrix names must be distinct, 1-23 letters, digits, '_' or '-': got {matrices!r}")
-        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        if path.exists() and not path.is_dir():
             raise InputError(f"{path} already exists; choose a new path or delete it")
-        path.mkdir(parents=True, exist_ok=True)
-        (path / META_DIR).mkdir()
-        core = _core.Store.create(str(path), list(matrices), DTYPE_CODES[name], int(dim))
         body = {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
@@ -213,8 +213,15 @@ class EmbeddingStore:
             "parts": [],
             **extra,
         }
-        _core.replace_file_atomic(str(path / COMMIT_RECORD), encode_commit_record(body))
-        return cls(path, core, body, writable=True)
+        path.mkdir(parents=True, exist_ok=True)
+        with contextlib.ExitStack() as lock:
+            lock.enter_context(writer_lock(path, "store"))
+            if store_entries(path):
+                raise InputError(f"{path} already exists; choose a new path or delete it")
+            (path / META_DIR).mkdir()
+            core = _core.Store.create(str(path), list(matrices), DTYPE_CODES[name], int(dim))
+            _core.replace_file_atomic(str(path / COMMIT_RECORD), encode_commit_record(body))
+            return cls(path, core, body, writable=True, lock=lock.pop_all())
 
     @classmethod
     def open(cls, path: str | os.PathLike, mode: str = "r") -> "EmbeddingStore":
@@ -222,7 +229,17 @@ class EmbeddingStore:
         if mode not in ("r", "a"):
             raise InputError(f"mode must be 'r' or 'a', got {mode!r}")
         path = Path(path)
-        body = read_commit_record(path)
+        with contextlib.ExitStack() as lock:
+            if mode == "a":
+                read_commit_record(path)  # not a store: say so before taking a lock in it
+                lock.enter_context(writer_lock(path, "store"))
+            body = read_commit_record(path)
+            store = cls._open_checked(path, body, mode)
+            store._lock = lock.pop_all()
+            return store
+
+    @classmethod
+    def _open_checked(cls, path: Path, body: dict, mode: str) -> "EmbeddingStore":
         for part in body["parts"] + body.get("skipped", []):
             part_path = path / part["file"]
             try:
@@ -487,6 +504,9 @@ class EmbeddingStore:
     def close(self) -> None:
         """Release the files. Arrays already handed out stay valid (each keeps its own mapping)."""
         self._core = None
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     def __enter__(self) -> "EmbeddingStore":
         return self
@@ -533,6 +553,11 @@ def write_batches(path: str | os.PathLike, arrays: Mapping[str, Any], batches: I
         if check_norms and all_unit and rows > 0:
             store._set_record_fields(normalized=True)
     return EmbeddingStore.open(path)
+
+
+def store_entries(path: Path) -> list[Path]:
+    """What a store folder holds besides its lock file (empty for a new store)."""
+    return [entry for entry in path.iterdir() if entry.name != LOCK_NAME]
 
 
 def _rows_have_unit_norm(batch: np.ndarray, block_rows: int = 8192) -> bool:

@@ -23,7 +23,8 @@ import torch
 
 from ..errors import InputError
 from ..progress import progress_bar
-from ..store import COMMIT_RECORD, EmbeddingStore, dtype_name
+from ..locking import writer_lock
+from ..store import COMMIT_RECORD, EmbeddingStore, dtype_name, store_entries
 from ..threads import available_cores, default_threads
 from .decode import CpuPreprocess, DecodeError, GpuPreprocess, is_whole_jpeg, read_image_file
 from .models import LoadedModel, describe, load_model, model_identity, same_model
@@ -168,7 +169,26 @@ def embed(data: str | os.PathLike, out: str | os.PathLike, model: str, pretraine
 
     source = open_source(data, image_column=image_column, caption_column=caption_column)
     identity = model_identity(model, pretrained)
-    action, position = _plan_out(Path(out), source, identity, dtype, overwrite, append)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out} is a file; --out names a store directory (e.g. data.cfbd)")
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    with writer_lock(out, "store"):
+        try:
+            return _embed_locked(source, out, identity, model, pretrained, started, dtype=dtype, device=device,
+                                 workers=workers, batch_size=batch_size, commit_rows=commit_rows,
+                                 gpu_decode=gpu_decode, overwrite=overwrite, append=append, progress=progress)
+        finally:
+            if created and not store_entries(out):
+                shutil.rmtree(out, ignore_errors=True)  # nothing was written: leave no empty folder behind
+
+
+def _embed_locked(source: Source, out: Path, identity: dict, model: str, pretrained: str | None, started: float, *,
+                  dtype: str, device: str, workers: int, batch_size: int, commit_rows: int, gpu_decode: bool | None,
+                  overwrite: bool, append: bool, progress: bool) -> EmbedSummary:
+    """`embed` once OUT's writer lock is held: plan, load the model, write."""
+    action, position = _plan_out(out, source, identity, dtype, overwrite, append)
     threads = torch.get_num_threads()
     if device == "cpu":
         # The model gets the cores that the workers and other busy processes leave (spinning threads on busy
@@ -431,9 +451,7 @@ def _plan_out(out: Path, source: Source, identity: dict, dtype: str, overwrite: 
               append: bool) -> tuple[str, tuple[int, int]]:
     """What to do with OUT, decided (and refused) before the model loads: "create", "replace" (--overwrite),
     "resume" at a position, or "append" (another input after the existing rows)."""
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{out} is a file; --out names a store directory (e.g. data.cfbd)")
-    if not (out.is_dir() and any(out.iterdir())):
+    if not store_entries(out):
         return "create", (0, 0)
     if overwrite:
         if not ((out / COMMIT_RECORD).is_file() or any(out.glob("*.emb"))):
@@ -476,6 +494,7 @@ def _open_out(out: Path, action: str, source: Source, identity: dict, dtype: str
             store.append(record={_RECORD_KEY: {**fresh, "first_row": len(store)}})
         return store
     if action == "replace":
-        shutil.rmtree(out)
+        for entry in store_entries(out):  # the lock file stays: this process holds it
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
     return EmbeddingStore.create(out, dim=identity["dim"], dtype=dtype, model=identity["name"],
                                  pretrained=identity["pretrained"], normalized=True, record={_RECORD_KEY: fresh})
