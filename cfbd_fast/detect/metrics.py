@@ -1,4 +1,4 @@
-"""Detection quality against ground truth: TPR, FPR, precision, AUROC, AUPRC, TPR at a fixed FPR.
+"""Detection quality against ground truth: TPR, FPR, precision, AUROC, AUPRC, TPR at a fixed FPR, FPR at full TPR.
 
 AUROC and AUPRC are scikit-learn's (roc_auc_score, average_precision_score: ties count half, thresholds at the
 distinct scores) in numpy, so a scan needs no scikit-learn; the tests hold them to scikit-learn's values.
@@ -58,6 +58,15 @@ def tpr_at_fpr(labels: np.ndarray, score: np.ndarray, fpr: float) -> float:
     return float(np.mean(pos > t))
 
 
+def fpr_at_full_tpr(labels: np.ndarray, score: np.ndarray) -> float:
+    """FPR when the threshold is the lowest poisoned row's score (every poisoned row flagged, ties flagged too)."""
+    labels = np.asarray(labels, dtype=bool)
+    score = np.asarray(score, dtype=np.float64)
+    if not labels.any() or labels.all():
+        return float("nan")
+    return float(np.mean(score[~labels] >= score[labels].min()))
+
+
 def detection_metrics(labels: np.ndarray, flagged: np.ndarray, score: np.ndarray,
                       fpr_points: tuple[float, ...] = (0.001, 0.01)) -> dict:
     """Verdict and ranking metrics. Rows with a NaN score rank lowest (never count as caught by the ranking)."""
@@ -82,4 +91,5 @@ def detection_metrics(labels: np.ndarray, flagged: np.ndarray, score: np.ndarray
     }
     for f in fpr_points:
         out[f"tpr_at_fpr_{f:g}"] = tpr_at_fpr(labels, score, f)
+    out["fpr_at_tpr_1"] = fpr_at_full_tpr(labels, score)
     return out
