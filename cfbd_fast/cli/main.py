@@ -88,6 +88,7 @@ def env(json_out: Json = False) -> None:
 def _register() -> None:
     from . import demo as demo_cli
     from . import embed as embed_cli
+    from . import filter as filter_cli
     from . import mapper as mapper_cli
     from . import poison as poison_cli
     from . import report as report_cli
@@ -102,6 +103,7 @@ def _register() -> None:
     app.command("poison")(poison_cli.poison)
     app.command("report")(report_cli.report)
     app.command("explain")(report_cli.explain)
+    app.command("filter")(filter_cli.filter_data)
 
 
 _register()

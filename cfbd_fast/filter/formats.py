@@ -1,0 +1,230 @@
+"""One writer per dataset format: the filtered copy of a CSV/TSV table, an img2dataset folder, webdataset .tar
+shards, and the sorted uid list of a DataComp-style pool. Keys are named as `cfbd-fast embed` names them.
+
+Each writer streams one input shard into a temporary output and returns its counts; FilterOutput publishes it.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import sys
+import tarfile
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from ..embed.sources import _WDS_MEMBER
+from ..errors import InputError
+from .output import FilterOutput, link_or_copy
+
+# choose(key, where) -> whether the row is written; raises InputError for a key the scan does not know (unless
+# told to keep those); choose.unknown says whether the last key was one
+Choose = Callable[[str | None, str], bool]
+
+
+class Counts(dict):
+    """A shard's rows: read, written, not written, and of those written or not, how many the scan never saw."""
+
+    def __init__(self):
+        super().__init__(rows=0, written=0, dropped=0, unknown=0)
+
+    def add(self, chosen: bool, unknown: bool = False) -> None:
+        self["rows"] += 1
+        self["written" if chosen else "dropped"] += 1
+        self["unknown"] += bool(unknown)
+
+
+# ---- CSV / TSV -----------------------------------------------------------------------------------------
+
+def _raw_rows(path: Path) -> Iterator[tuple[list[str], str]]:
+    """(parsed row, its exact text) for each record, quoted newlines included: csv pulls lines one record at a time."""
+    csv.field_size_limit(min(sys.maxsize, 1 << 30))
+    consumed: list[str] = []
+    with open(path, newline="", encoding="utf-8") as fh:
+        def lines():
+            for line in fh:
+                consumed.append(line)
+                yield line
+
+        delimiter = "," if path.suffix.lower() == ".csv" else "\t"
+        for row in csv.reader(lines(), delimiter=delimiter):
+            text = "".join(consumed)
+            consumed.clear()
+            yield row, text
+
+
+def filter_table(path: Path, out: FilterOutput, choose: Choose, image_column: str, bar) -> dict:
+    """Rows of the table kept byte for byte (header first); each written row's image file, when it is a relative
+    path inside the table's folder, linked (or copied) to the same relative path under OUT."""
+    name = path.name
+    if (done := out.done(name)) is not None:
+        bar.advance(done["rows"])
+        return done
+    counts = Counts()
+    tmp_table, tmp_images = out.tmp(name), out.tmp(name + ".images")
+    rows = _raw_rows(path)
+    header, header_text = next(rows, ([], ""))
+    columns = [c.strip().lstrip("\ufeff") for c in header]
+    if image_column not in columns:
+        raise InputError(f"{path}: no image column {image_column!r} (columns: {', '.join(columns)}); name it with "
+                         "--image-column")
+    at = columns.index(image_column)
+    folder = path.parent.resolve()
+    images = []
+    with open(tmp_table, "w", encoding="utf-8", newline="") as dst:
+        dst.write(header_text)
+        for line, (row, text) in enumerate(rows):
+            image = row[at].strip() if at < len(row) else ""
+            chosen = choose(image or None, f"{path} row {line + 2}")
+            counts.add(chosen, choose.unknown)
+            bar.advance(1)
+            if not chosen:
+                continue
+            dst.write(text)
+            inside = (folder / image).resolve()
+            if not os.path.isabs(image) and inside.is_relative_to(folder) and inside.is_file():
+                images.append(image)
+    for image in images:
+        link_or_copy(folder / image, tmp_images / image)
+    moves = [(p, str(p.relative_to(tmp_images))) for p in sorted(tmp_images.rglob("*")) if p.is_file()] \
+        if tmp_images.is_dir() else []
+    for tmp, final in moves:  # images first, the table last: a published table has its images
+        (out.path / final).parent.mkdir(parents=True, exist_ok=True)
+    out.publish(name, counts, moves + [(tmp_table, name)])
+    if tmp_images.is_dir():
+        shutil.rmtree(tmp_images)
+    return counts
+
+
+# ---- img2dataset ---------------------------------------------------------------------------------------
+
+def _filtered_parquet(parquet: Path, chosen_keys: set | None, choose: Choose | None, counts: Counts | None):
+    """PARQUET's successfully downloaded rows that are written; rows of other status are no samples and go."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(parquet, use_threads=False)
+    if "key" not in table.column_names:
+        raise InputError(f"{parquet}: no key column; expected img2dataset's shard table (key, status, caption, url)")
+    keys = table.column("key").to_pylist()
+    status = table.column("status").to_pylist() if "status" in table.column_names else ["success"] * len(keys)
+    mask = []
+    for key, state in zip(keys, status):
+        if state != "success":
+            mask.append(False)
+            continue
+        chosen = key in chosen_keys if chosen_keys is not None else choose(key, f"{parquet} key {key}")
+        if counts is not None:
+            counts.add(chosen, choose.unknown)
+        mask.append(chosen)
+    return table.filter(pa.array(mask, pa.bool_()))
+
+
+def filter_img2dataset_shard(parquet: Path, out: FilterOutput, choose: Choose, bar) -> dict:
+    """NNNNN.parquet (written rows) and NNNNN/ (every file of each written key: image, .txt, .json)."""
+    import pyarrow.parquet as pq
+
+    stem = parquet.stem
+    if (done := out.done(stem)) is not None:
+        bar.advance(done["rows"])
+        return done
+    counts = Counts()
+    table = _filtered_parquet(parquet, None, choose, counts)
+    bar.advance(counts["rows"])
+    written = set(table.column("key").to_pylist())
+    shard_dir, tmp_dir, tmp_parquet = parquet.with_suffix(""), out.tmp(stem), out.tmp(stem + ".parquet")
+    tmp_dir.mkdir()
+    if shard_dir.is_dir():
+        for entry in os.scandir(shard_dir):
+            if entry.name.partition(".")[0] in written and entry.is_file():
+                link_or_copy(entry.path, tmp_dir / entry.name)
+    pq.write_table(table, tmp_parquet)
+    out.publish(stem, counts, [(tmp_dir, stem), (tmp_parquet, stem + ".parquet")])
+    return counts
+
+
+# ---- webdataset ----------------------------------------------------------------------------------------
+
+def filter_tar(tar: Path, out: FilterOutput, choose: Choose, bar) -> dict:
+    """The shard's members of written keys, in order and byte for byte, into a shard of the same name; the
+    img2dataset table beside it (NNNNN.parquet), when there is one, filtered to the same keys."""
+    import pyarrow.parquet as pq
+
+    name = tar.name
+    if (done := out.done(name)) is not None:
+        bar.advance(done["rows"])
+        return done
+    counts, written = Counts(), set()
+    tmp = out.tmp(name)
+    mode = "w|gz" if name.lower().endswith((".tar.gz", ".tgz")) else "w|"
+    group, chosen = None, False
+    try:
+        with open(tar, "rb") as src, tarfile.open(fileobj=src, mode="r|*") as archive, \
+                open(tmp, "wb") as raw, tarfile.open(fileobj=raw, mode=mode, format=tarfile.PAX_FORMAT) as dst:
+            for member in archive:
+                match = _WDS_MEMBER.match(member.name) if member.isfile() else None
+                if match is None:
+                    continue
+                if match.group(1) != group:
+                    group = match.group(1)
+                    chosen = choose(group, f"{tar} key {group}")
+                    counts.add(chosen, choose.unknown)
+                    bar.advance(1)
+                    if chosen:
+                        written.add(group)
+                if chosen:
+                    dst.addfile(member, archive.extractfile(member))
+    except (tarfile.TarError, EOFError) as exc:
+        raise InputError(f"{tar}: unreadable tar shard ({exc}); re-download or remove it") from None
+    moves = [(tmp, name)]
+    parquet = tar.with_name(name.split(".")[0] + ".parquet")
+    if parquet.is_file():
+        tmp_parquet = out.tmp(parquet.name)
+        pq.write_table(_filtered_parquet(parquet, written, None, None), tmp_parquet)
+        moves.insert(0, (tmp_parquet, parquet.name))
+    out.publish(name, counts, moves)
+    return counts
+
+
+# ---- DataComp-style uid lists --------------------------------------------------------------------------
+
+UID_DTYPE = np.dtype("<u8,<u8")  # fields f0 (high 64 bits), f1 (low), as DataComp writes them
+
+
+def uids_to_array(uids: list[str], where: str) -> np.ndarray:
+    """128-bit hex uids as DataComp stores them in a subset file: (high, low) little-endian uint64 pairs."""
+    out = np.empty(len(uids), dtype=UID_DTYPE)
+    for i, uid in enumerate(uids):
+        if not isinstance(uid, str) or len(uid) != 32:
+            raise InputError(f"{where}: uid {uid!r} is not 32 hexadecimal digits")
+        try:
+            out[i] = (int(uid[:16], 16), int(uid[16:], 16))
+        except ValueError:
+            raise InputError(f"{where}: uid {uid!r} is not 32 hexadecimal digits") from None
+    return out
+
+
+def filter_datacomp(parquets: list[Path], out: FilterOutput, choose: Choose, bar) -> dict:
+    """OUT/uids.npy: the written uids of every shard table, sorted, as DataComp's resharder reads a subset."""
+    import pyarrow.parquet as pq
+
+    counts, chosen_uids = Counts(), []
+    for parquet in parquets:
+        try:
+            uids = pq.read_table(parquet, columns=["uid"], use_threads=False).column("uid").to_pylist()
+        except KeyError:
+            raise InputError(f"{parquet}: no uid column; expected DataComp metadata (uid, url, text)") from None
+        for uid in uids:
+            chosen = choose(uid, f"{parquet} uid {uid}")
+            counts.add(chosen, choose.unknown)
+            if chosen:
+                chosen_uids.append(uid)
+        bar.advance(len(uids))
+    array = np.sort(uids_to_array(chosen_uids, str(parquets[0].parent)))
+    tmp = out.tmp("uids.npy")
+    with open(tmp, "wb") as fh:
+        np.save(fh, array)
+    out.publish("uids.npy", counts, [(tmp, "uids.npy")])
+    return counts
