@@ -49,10 +49,10 @@ def embed(
     """Embed images and captions with open_clip into a store (resumable; unusable images go to its skip list)."""
     from ..embed import embed as run_embed
     from ..embed.models import LOCAL_DIR, TINY_MODEL, is_random, model_identity
-    from .scan import _ranks_launched
+    from ..distributed.comm import ranks_launched
 
     model_identity(model, pretrained)  # a bad model or checkpoint fails here, before the note below
-    if distributed or (distributed is None and _ranks_launched()):
+    if distributed or (distributed is None and ranks_launched()):
         from ._distributed import embed_ranks
 
         return embed_ranks(data, out, model, pretrained, distributed=distributed, timeout=1800.0,

@@ -1,11 +1,13 @@
 """`cfbd-fast scan`: run CFBD (or a baseline) over a store and publish verdicts, keep-lists and a summary.
 
+One command for every route: one store or --shards, one process or a rank of torch.distributed (--distributed,
+or started by torchrun); the routes differ only in the stores read and the `Comm` (pipeline.scan does the rest).
 Choices and their help come from `cfbd_fast.pipeline.options`; the options are checked there, once.
 """
 from __future__ import annotations
 
+import glob
 import json
-import os
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -14,6 +16,7 @@ import typer
 
 from ..pipeline.options import (MAPPER_PRECISIONS, METHODS, REDUCTIONS, SCORES, SEED_SELECTORS, THRESHOLD_METHODS,
                                 ScanConfig)
+from ..errors import InputError
 from ._options import Device, Json, Quiet
 
 _DEFAULTS = ScanConfig()
@@ -35,86 +38,93 @@ ThresholdMethod = _choices("ThresholdMethod", THRESHOLD_METHODS)
 MapperPrecision = _choices("MapperPrecision", MAPPER_PRECISIONS)
 
 
-def scan(
-    store: Annotated[Optional[Path], typer.Argument(help="A NAME.cfbd store directory (or give --shards).")] = None,
-    mapper: Annotated[Optional[str], typer.Option(
-        help="Mapping network F: a file from `cfbd-fast train-mapper`, 'self' (fitted on this store) or 'knn'.")]
-    = None,
-    out: Annotated[Optional[Path], typer.Option(help="Output folder (default: STORE's name + '.scan').")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace the outputs of an earlier scan in --out.")] = False,
-    method: Annotated[Method, typer.Option(help=_help(METHODS))] = _DEFAULTS.method,
-    components: Annotated[int, typer.Option("--components", "--k",
-                                            help="GMM components of the coarse stage (the paper's K).")]
-    = _DEFAULTS.components,
-    gamma: Annotated[float, typer.Option(help="Posterior of the lowest component above which a pair is benign "
-                                              "(the paper's gamma).")] = _DEFAULTS.gamma,
-    seed_set_size: Annotated[int, typer.Option("--seed-set-size", "--q",
-                                               help="Pairs in the poisoned seed set (the paper's q).")]
-    = _DEFAULTS.seed_set_size,
-    seed_select: Annotated[Optional[SeedSelect], typer.Option(
-        help="How the seed set is chosen (default: per method). " + _help(SEED_SELECTORS))] = None,
-    reduce: Annotated[Optional[Reduce], typer.Option(
-        help="How z combines a caption's cosines to the seed captions (default: per method; topk for cfbd). "
-             + _help(REDUCTIONS))] = None,
-    topk: Annotated[int, typer.Option(help="Cosines averaged by --reduce topk.")] = _DEFAULTS.topk,
-    score: Annotated[Optional[Score], typer.Option(help="Fine-stage score (default: per method). " + _help(SCORES))]
-    = None,
-    threshold: Annotated[Optional[float], typer.Option(help="A fixed threshold on the score (default: estimated).")]
-    = None,
-    threshold_method: Annotated[Optional[ThresholdMethod], typer.Option(
-        help="How the verdict's cut is set when no --threshold is given (default: per method; fdr for cfbd). "
-             + _help(THRESHOLD_METHODS))] = None,
-    fdr: Annotated[float, typer.Option(help="False-discovery rate of --threshold-method fdr: the expected share of "
-                                            "clean rows among the flagged.")] = _DEFAULTS.fdr,
-    alpha: Annotated[float, typer.Option(help="Family-wise error rate of --threshold-method fwer: the chance of "
-                                              "flagging any clean row.")] = _DEFAULTS.alpha,
-    fpr: Annotated[float, typer.Option(help="Target false-positive rate of the estimated threshold.")]
-    = _DEFAULTS.fpr,
-    labels: Annotated[Optional[Path], typer.Option(
-        help="Ground truth: parquet/CSV with a key column and is_poisoned/label 0/1.")] = None,
-    chunk_rows: Annotated[int, typer.Option(help="Rows per streamed chunk.")] = _DEFAULTS.chunk_rows,
-    device: Annotated[Device, typer.Option(help="Where the mapper and kernels run.")] = _DEFAULTS.device,
-    random_seed: Annotated[int, typer.Option("--random-seed", "--seed",
-                                             help="Random seed of the GMM initialisation and the samples.")]
-    = _DEFAULTS.random_seed,
-    knn_neighbours: Annotated[int, typer.Option(help="Captions averaged by --mapper knn.")]
-    = _DEFAULTS.knn_neighbours,
-    min_cluster: Annotated[int, typer.Option(help="Rows that must be significant for a caption cluster before it is "
-                                                  "called a backdoor (also the smallest cluster examined).")]
-    = _DEFAULTS.min_cluster,
-    max_clusters: Annotated[int, typer.Option(help="Caption clusters of the seed pool tested (the least consistent "
-                                                   "first).")] = _DEFAULTS.max_clusters,
-    test_one_caption_groups: Annotated[bool, typer.Option(
-        "--test-one-caption-groups", help="Also test caption clusters that are mostly one caption string over "
-                                          "unrelated images (boilerplate, or a single-caption backdoor).")] = False,
-    threads: Annotated[Optional[int], typer.Option(
-        help="CPU threads for torch and numba (default: the free cores).")] = None,
-    timings: Annotated[bool, typer.Option(
-        "--timings", help="True per-stage times in summary.json: wait for the device after every stage (on CUDA "
-                          "this stops copies and kernels from overlapping, so the scan is slower).")] = False,
-    device_memory_share: Annotated[Optional[float], typer.Option(
-        help="Keep the caption matrix on the device between the passes when it fits in this share of the free "
-             "device memory (0: stream it twice; default: 0.5 on CUDA, 0 on the CPU).")] = None,
-    mapper_precision: Annotated[MapperPrecision, typer.Option(
-        help="Matmul precision of an MLP mapper. " + _help(MAPPER_PRECISIONS))] = _DEFAULTS.mapper_precision,
-    report: Annotated[bool, typer.Option("--report", help="Also write report.html (see `cfbd-fast report`).")]
-    = False,
-    shards: Annotated[Optional[str], typer.Option(
-        help="Shard stores scanned as one dataset, in sorted order: a quoted glob such as 'parts/*.cfbd'; under "
-             "torchrun they are assigned to the ranks round-robin.")] = None,
-    distributed: Annotated[Optional[bool], typer.Option(
-        "--distributed/--no-distributed", help="Run as one rank of torch.distributed (torchrun --nproc-per-node N): "
-                                               "each rank scans its rows.", show_default="when torchrun started it")]
-    = None,
-    timeout: Annotated[float, typer.Option(help="Seconds a rank waits for the others before the run fails.")]
-    = 1800.0,
-    quiet: Quiet = False,
-    json_out: Json = False,
-) -> None:
+Store = Annotated[Optional[Path], typer.Argument(help="A NAME.cfbd store directory (or give --shards).")]
+MapperOpt = Annotated[Optional[str], typer.Option(
+    "--mapper", help="Mapping network F: a file from `cfbd-fast train-mapper`, 'self' (fitted on this store) or "
+                     "'knn'.")]
+Out = Annotated[Optional[Path], typer.Option("--out", help="Output folder (default: STORE's name + '.scan').")]
+Force = Annotated[bool, typer.Option("--force", help="Replace the outputs of an earlier scan in --out (the whole "
+                                                     "scan: report.html too).")]
+MethodOpt = Annotated[Method, typer.Option("--method", help=_help(METHODS))]
+Components = Annotated[int, typer.Option("--components", "--k", help="GMM components of the coarse stage (the "
+                                                                     "paper's K).")]
+Gamma = Annotated[float, typer.Option("--gamma", help="Posterior of the lowest component above which a pair is "
+                                                      "benign (the paper's gamma).")]
+SeedSetSize = Annotated[int, typer.Option("--seed-set-size", "--q", help="Pairs in the poisoned seed set (the "
+                                                                         "paper's q).")]
+SeedSelectOpt = Annotated[Optional[SeedSelect], typer.Option(
+    "--seed-select", help="How the seed set is chosen (default: per method). " + _help(SEED_SELECTORS))]
+ReduceOpt = Annotated[Optional[Reduce], typer.Option(
+    "--reduce", help="How z combines a caption's cosines to the seed captions (default: per method; topk for "
+                     "cfbd). " + _help(REDUCTIONS))]
+TopK = Annotated[int, typer.Option("--topk", help="Cosines averaged by --reduce topk.")]
+ScoreOpt = Annotated[Optional[Score], typer.Option("--score", help="Fine-stage score (default: per method). "
+                                                                   + _help(SCORES))]
+Threshold = Annotated[Optional[float], typer.Option("--threshold", help="A fixed threshold on the score (default: "
+                                                                        "estimated).")]
+ThresholdMethodOpt = Annotated[Optional[ThresholdMethod], typer.Option(
+    "--threshold-method", help="How the verdict's cut is set when no --threshold is given (default: per method; "
+                               "fdr for cfbd). " + _help(THRESHOLD_METHODS))]
+Fdr = Annotated[float, typer.Option("--fdr", help="False-discovery rate of --threshold-method fdr: the expected "
+                                                  "share of clean rows among the flagged.")]
+Alpha = Annotated[float, typer.Option("--alpha", help="Family-wise error rate of --threshold-method fwer: the "
+                                                      "chance of flagging any clean row.")]
+Fpr = Annotated[float, typer.Option("--fpr", help="Target false-positive rate of the estimated threshold.")]
+Labels = Annotated[Optional[Path], typer.Option(
+    "--labels", help="Ground truth: parquet/CSV with a key column and is_poisoned/label 0/1.")]
+ChunkRows = Annotated[int, typer.Option("--chunk-rows", help="Rows per streamed chunk.")]
+DeviceOpt = Annotated[Device, typer.Option("--device", help="Where the mapper and kernels run.")]
+RandomSeed = Annotated[int, typer.Option("--random-seed", "--seed", help="Random seed of the GMM initialisation "
+                                                                         "and the samples.")]
+KnnNeighbours = Annotated[int, typer.Option("--knn-neighbours", help="Captions averaged by --mapper knn.")]
+MinCluster = Annotated[int, typer.Option("--min-cluster", help="Rows that must be significant for a caption "
+                                                               "cluster before it is called a backdoor (also the "
+                                                               "smallest cluster examined).")]
+MaxClusters = Annotated[int, typer.Option("--max-clusters", help="Caption clusters of the seed pool tested (the "
+                                                                 "least consistent first).")]
+OneCaptionGroups = Annotated[bool, typer.Option(
+    "--test-one-caption-groups", help="Also test caption clusters that are mostly one caption string over "
+                                      "unrelated images (boilerplate, or a single-caption backdoor).")]
+Threads = Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch and numba (default: the "
+                                                                  "free cores).")]
+Timings = Annotated[bool, typer.Option(
+    "--timings", help="True per-stage times in summary.json: wait for the device after every stage (on CUDA this "
+                      "stops copies and kernels from overlapping, so the scan is slower).")]
+DeviceMemoryShare = Annotated[Optional[float], typer.Option(
+    "--device-memory-share", help="Keep the caption matrix on the device between the passes when it fits in this "
+                                  "share of the free device memory (0: stream it twice; default: 0.5 on CUDA, 0 on "
+                                  "the CPU).")]
+MapperPrecisionOpt = Annotated[MapperPrecision, typer.Option(
+    "--mapper-precision", help="Matmul precision of an MLP mapper. " + _help(MAPPER_PRECISIONS))]
+Report = Annotated[bool, typer.Option("--report", help="Also write report.html (see `cfbd-fast report`).")]
+Shards = Annotated[Optional[str], typer.Option(
+    "--shards", help="Shard stores scanned as one dataset, in sorted order: a quoted glob such as 'parts/*.cfbd'; "
+                     "under torchrun they are assigned to the ranks round-robin.")]
+Distributed = Annotated[Optional[bool], typer.Option(
+    "--distributed/--no-distributed", help="Run as one rank of torch.distributed (torchrun --nproc-per-node N): "
+                                           "each rank scans its rows.", show_default="when torchrun started it")]
+Timeout = Annotated[float, typer.Option("--timeout", help="Seconds a rank waits for the others before the run "
+                                                          "fails.")]
+
+
+def scan(store: Store = None, mapper: MapperOpt = None, out: Out = None, force: Force = False,
+         method: MethodOpt = _DEFAULTS.method, components: Components = _DEFAULTS.components,
+         gamma: Gamma = _DEFAULTS.gamma, seed_set_size: SeedSetSize = _DEFAULTS.seed_set_size,
+         seed_select: SeedSelectOpt = None, reduce: ReduceOpt = None, topk: TopK = _DEFAULTS.topk,
+         score: ScoreOpt = None, threshold: Threshold = None, threshold_method: ThresholdMethodOpt = None,
+         fdr: Fdr = _DEFAULTS.fdr, alpha: Alpha = _DEFAULTS.alpha, fpr: Fpr = _DEFAULTS.fpr, labels: Labels = None,
+         chunk_rows: ChunkRows = _DEFAULTS.chunk_rows, device: DeviceOpt = _DEFAULTS.device,
+         random_seed: RandomSeed = _DEFAULTS.random_seed, knn_neighbours: KnnNeighbours = _DEFAULTS.knn_neighbours,
+         min_cluster: MinCluster = _DEFAULTS.min_cluster, max_clusters: MaxClusters = _DEFAULTS.max_clusters,
+         test_one_caption_groups: OneCaptionGroups = False, threads: Threads = None, timings: Timings = False,
+         device_memory_share: DeviceMemoryShare = None,
+         mapper_precision: MapperPrecisionOpt = _DEFAULTS.mapper_precision, report: Report = False,
+         shards: Shards = None, distributed: Distributed = None, timeout: Timeout = 1800.0, quiet: Quiet = False,
+         json_out: Json = False) -> None:
     """Scan STORE for backdoored pairs; write scores.parquet, poisoned.txt, keep.txt, keep.parquet, flagged.csv,
     summary.json (and report.html with --report)."""
+    from ..distributed.comm import init_comm, ranks_launched
     from ..pipeline import json_default, scan as run_scan
-    from ..pipeline.publish import check_out_dir
 
     config = ScanConfig(
         method=method.value, components=components, gamma=gamma, seed_set_size=seed_set_size,
@@ -124,34 +134,44 @@ def scan(
         chunk_rows=chunk_rows, device=device.value, random_seed=random_seed,
         knn_neighbours=knn_neighbours, min_cluster=min_cluster, max_clusters=max_clusters,
         test_one_caption_groups=test_one_caption_groups, threads=threads, timings=timings,
-        device_memory_share=device_memory_share, mapper_precision=mapper_precision.value).validated()
-    if shards is not None or distributed or (distributed is None and _ranks_launched()):
-        from ._distributed import scan_ranks
-
-        return scan_ranks(store, shards, mapper, config, out=out, force=force, labels=labels,
-                          distributed=distributed, timeout=timeout, quiet=quiet, json_out=json_out)
-    if store is None:
-        raise typer.BadParameter("give a STORE, or shard stores with --shards")
-    out_dir = check_out_dir(out or store.with_name(store.name.removesuffix(".cfbd") + ".scan"), force=force)
-    result = run_scan(store, mapper, config=config, labels=labels, progress=not quiet)
-    result.write(out_dir)
-    result.summary["out"] = str(out_dir)
-    if report:
-        from ..report import build_report
-
-        result.summary["report"] = str(build_report(out_dir))
+        device_memory_share=device_memory_share, mapper_precision=mapper_precision.value)
+    paths = shard_paths(store, shards)
+    if out is None and store is None:
+        raise InputError("--shards needs --out: the folder for the scan's outputs")
+    out = out or store.with_name(store.name.removesuffix(".cfbd") + ".scan")
+    comm = init_comm(bool(distributed or (distributed is None and ranks_launched())), device=config.device,
+                     timeout_s=timeout)
+    try:
+        result = run_scan(paths if shards else store, mapper, config=config, labels=labels, progress=not quiet,
+                          comm=comm, out=out, force=force, before_commit=_write_report if report else None)
+    finally:
+        comm.close()
+    if not comm.is_root:
+        return
     for warning in result.summary["warnings"]:
         typer.echo(f"warning: {warning}", err=True)
-    if json_out:
-        typer.echo(json.dumps(result.summary, indent=2, default=json_default))
-    else:
-        typer.echo(format_summary(result.summary))
+    typer.echo(json.dumps(result.summary, indent=2, default=json_default) if json_out
+               else format_summary(result.summary))
 
 
-def _ranks_launched() -> bool:
-    from ..distributed.comm import launched
+def _write_report(folder: Path) -> dict:
+    """The report of the outputs in `folder`, written there before the scan is committed."""
+    from ..report import REPORT_FILE, build_report
 
-    return launched() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    build_report(folder)
+    return {"report": str(Path(json.loads((folder / "summary.json").read_text())["out"]) / REPORT_FILE)}
+
+
+def shard_paths(store: Path | None, shards: str | None) -> list[Path]:
+    """The stores to scan as one dataset: STORE alone, or the --shards glob's matches in sorted order."""
+    if (store is None) == (shards is None):
+        raise InputError("give either a STORE or --shards 'parts/*.cfbd', not both")
+    if store is not None:
+        return [store]
+    paths = sorted(Path(p) for p in glob.glob(shards))
+    if not paths:
+        raise InputError(f"--shards {shards!r} matches no store")
+    return paths
 
 
 def format_summary(summary: dict) -> str:

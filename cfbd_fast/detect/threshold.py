@@ -8,6 +8,10 @@ Four estimators, compared on demo data with and without hard negatives (docs/alg
   with at least `min_above` scores above it: a backdoor's captions share one target, so its pairs form a
   tight mode separated from the bulk.
 - `mixture`: a 2-component GMM on the score; the lowest score whose upper-component posterior >= 0.5.
+
+Every function takes the rows of one process, or, with `comm` (a distributed.comm.Comm), this rank's share of
+rows spread over ranks, and returns the number one process over all rows gets: order statistics by exact
+selection (distributed/select.py; numpy's own under a world of one), counts all-reduced.
 """
 from __future__ import annotations
 
@@ -16,41 +20,52 @@ from statistics import NormalDist
 
 import numpy as np
 
-def null_quantile(score: np.ndarray, reference: np.ndarray, fpr: float) -> float:
-    ref = score[reference & np.isfinite(score)]
-    if len(ref) == 0:
-        return float("nan")
-    return float(np.quantile(ref, 1.0 - fpr, method="higher"))
+from ..distributed import select
+from ..distributed.comm import Comm
+
+SOLO = Comm()  # one process alone: every collective is the identity
 
 
-def robust_z(score: np.ndarray, fpr: float) -> float:
+def null_quantile(score: np.ndarray, reference: np.ndarray, fpr: float, comm: Comm = SOLO) -> float:
+    return select.quantile(comm, score[reference & np.isfinite(score)], 1.0 - fpr, "higher")
+
+
+def robust_z(score: np.ndarray, fpr: float, comm: Comm = SOLO) -> float:
     s = score[np.isfinite(score)]
-    if len(s) == 0:
+    if select.count(comm, s) == 0:
         return float("nan")
-    med = float(np.median(s))
-    mad = float(np.median(np.abs(s - med))) * 1.4826
+    med = float(select.median(comm, s))
+    mad = float(select.median(comm, np.abs(s - med))) * 1.4826
     return med + NormalDist().inv_cdf(1.0 - fpr) * mad
 
 
-def largest_gap(score: np.ndarray, max_fraction: float = 0.05, min_above: int = 5) -> float:
+def largest_gap(score: np.ndarray, max_fraction: float = 0.05, min_above: int = 5, comm: Comm = SOLO) -> float:
+    """The m largest scores of all ranks (m = `max_fraction` of the rows), merged on every rank."""
     s = score[np.isfinite(score)]
-    if len(s) <= min_above:
+    n = select.count(comm, s)
+    if n <= min_above:
         return float("nan")
-    m = min(len(s), max(min_above + 1, int(np.ceil(max_fraction * len(s))) + 1))
-    top = np.sort(np.partition(s, len(s) - m)[len(s) - m:])[::-1]  # the m largest, descending
+    m = min(n, max(min_above + 1, int(np.ceil(max_fraction * n)) + 1))
+    mine = s if len(s) <= m else np.partition(s, len(s) - m)[len(s) - m:]
+    merged = np.concatenate(comm.gather_objects(mine, "gather the top scores"))
+    top = np.sort(np.partition(merged, len(merged) - m)[len(merged) - m:])[::-1]  # the m largest, descending
     gaps = top[:-1] - top[1:]  # gaps[i] lies below the i + 1 highest scores
     gaps[: min_above - 1] = -np.inf
     i = int(np.argmax(gaps))
     return float((top[i] + top[i + 1]) / 2.0)
 
 
-def mixture(score: np.ndarray, seed: int = 0) -> float:
-    from ..gmm import fit_gmm
+def mixture(score: np.ndarray, seed: int = 0, comm: Comm = SOLO, positions=None) -> float:
+    """`positions` place this rank's finite scores in the global order (gmm.fit_gmm_ranks); one process: None."""
+    from ..gmm.em import fit_gmm, fit_gmm_ranks
 
     s = score[np.isfinite(score)]
-    if len(s) < 2 or np.ptp(s) == 0:
+    lo = float(comm.min(np.array([s.min() if len(s) else np.inf]), "smallest score")[0])
+    hi = float(comm.max(np.array([s.max() if len(s) else -np.inf]), "largest score")[0])
+    if select.count(comm, s) < 2 or hi - lo == 0:
         return float("nan")
-    return mixture_cut(fit_gmm(s, k=2, seed=seed), float(s.max()))
+    gmm = fit_gmm(s, k=2, seed=seed) if comm.world == 1 else fit_gmm_ranks(comm, s, positions, k=2, seed=seed)
+    return mixture_cut(gmm, hi)
 
 
 def mixture_cut(gmm, score_max: float) -> float:
@@ -70,66 +85,70 @@ def mixture_cut(gmm, score_max: float) -> float:
     return float(min(rising)) if rising else score_max
 
 
-_ESTIMATE = {
-    "null-quantile": lambda score, reference, fpr, seed: null_quantile(score, reference, fpr),
-    "robust-z": lambda score, reference, fpr, seed: robust_z(score, fpr),
-    "gap": lambda score, reference, fpr, seed: largest_gap(score),
-    "mixture": lambda score, reference, fpr, seed: mixture(score, seed=seed),
-}
-
-
 def estimate(score: np.ndarray, method: str, *, reference: np.ndarray | None = None, fpr: float = 0.001,
-             seed: int = 0) -> float:
+             seed: int = 0, comm: Comm = SOLO, positions=None) -> float:
     """One threshold by `method` (see the module docstring); `reference` defaults to every row."""
     if reference is None:
         reference = np.ones(len(score), dtype=bool)
-    return float(_ESTIMATE[method](score, reference, fpr, seed))
-
-
-def all_estimates(score: np.ndarray, methods, *, reference: np.ndarray | None, fpr: float, seed: int = 0) -> dict:
-    """Each named estimator's threshold, for the summary (so users can see how much the choice matters)."""
-    return {m: estimate(score, m, reference=reference, fpr=fpr, seed=seed) for m in methods}
+    if method == "null-quantile":
+        return float(null_quantile(score, reference, fpr, comm))
+    if method == "robust-z":
+        return float(robust_z(score, fpr, comm))
+    if method == "gap":
+        return float(largest_gap(score, comm=comm))
+    return float(mixture(score, seed, comm, positions))
 
 
 # -- a verdict with a stated error rate ------------------------------------------------------------------------
-def null_pvalues(score: np.ndarray, reference: np.ndarray, upper_quantile: float = 0.95) -> tuple[np.ndarray, dict]:
+def null_pvalues(score: np.ndarray, reference: np.ndarray, upper_quantile: float = 0.95, comm: Comm = SOLO
+                 ) -> tuple[np.ndarray, dict]:
     """One-sided p-values of `score` under a normal null fitted to the bulk of `reference` rows.
 
     Location: the median. Scale: from the distance between the median and the `upper_quantile` (the side the
     poisons are on, and the side whose tail decides false positives), so a bulk whose upper tail is heavier
     than a normal one gets a wider null. A poisoned fraction below 1 - upper_quantile does not move either.
-    NaN scores get p = 1.
+    NaN scores get p = 1. Over ranks: the same location and scale on every rank, local p-values.
     """
     import torch
 
     ref = score[reference & np.isfinite(score)].astype(np.float64)
-    loc = float(np.median(ref))
+    loc = float(select.median(comm, ref))
     z_q = NormalDist().inv_cdf(upper_quantile)
-    scale = max(float(np.quantile(ref, upper_quantile)) - loc, 1e-12) / z_q
-    mad = float(np.median(np.abs(ref - loc))) * 1.4826
+    scale = max(float(select.quantile(comm, ref, upper_quantile)) - loc, 1e-12) / z_q
+    mad = float(select.median(comm, np.abs(ref - loc))) * 1.4826
     scale = max(scale, mad)
     p = np.ones(len(score), dtype=np.float64)
     ok = np.isfinite(score)
     # the normal upper tail as erfc (torch: no scipy at run time), accurate far into the tail
     z = torch.from_numpy((score[ok].astype(np.float64) - loc) / scale)
     p[ok] = (0.5 * torch.special.erfc(z / math.sqrt(2.0))).numpy()
-    return p, {"location": loc, "scale": scale, "upper_quantile": upper_quantile, "reference_rows": int(len(ref))}
+    return p, {"location": loc, "scale": scale, "upper_quantile": upper_quantile,
+               "reference_rows": select.count(comm, ref)}
 
 
-def benjamini_hochberg(p: np.ndarray, fdr: float) -> tuple[np.ndarray, float]:
-    """Rows rejected by Benjamini-Hochberg at false-discovery rate `fdr`, and the p-value cut it implies."""
-    n = len(p)
-    order = np.argsort(p, kind="stable")
-    passed = np.flatnonzero(p[order] <= fdr * np.arange(1, n + 1) / n)
-    reject = np.zeros(n, dtype=bool)
-    if len(passed) == 0:
-        return reject, 0.0
-    k = passed[-1]
-    reject[order[:k + 1]] = True
-    return reject, float(p[order[k]])
+def benjamini_hochberg(p: np.ndarray, fdr: float, comm: Comm = SOLO) -> tuple[np.ndarray, float]:
+    """Rows rejected by Benjamini-Hochberg at false-discovery rate `fdr`, and the p-value cut it implies.
+
+    The cut is the largest p-value p_(k) with p_(k) <= fdr k / n. Iterating t <- fdr #{p <= t} / n from t = fdr
+    never passes below it and stops at a t with #{p <= t} = R; the cut is then the largest p-value <= t. Over
+    ranks the counts are all-reduced: local rejections, the global cut.
+    """
+    n = select.count(comm, p)
+    local = np.sort(p[p <= fdr])
+    t, previous = fdr, -1
+    while True:
+        r = int(comm.sum(np.array([np.searchsorted(local, t, side="right")], dtype=np.int64), "BH count")[0])
+        if r == 0:
+            return np.zeros(len(p), dtype=bool), 0.0
+        if r == previous:
+            break
+        previous, t = r, fdr * np.float64(r) / n
+    below = local[local <= t]
+    cut = float(comm.max(np.array([below[-1] if len(below) else -np.inf]), "BH cut")[0])
+    return p <= cut, cut
 
 
-def family_wise(p: np.ndarray, alpha: float) -> tuple[np.ndarray, float]:
+def family_wise(p: np.ndarray, alpha: float, comm: Comm = SOLO) -> tuple[np.ndarray, float]:
     """Rows rejected by Bonferroni at family-wise error rate `alpha`, and the p-value cut."""
-    cut = alpha / max(len(p), 1)
+    cut = alpha / max(select.count(comm, p), 1)
     return p <= cut, cut

@@ -27,6 +27,11 @@ def launched() -> bool:
     return all(v in os.environ for v in ENV_VARS)
 
 
+def ranks_launched() -> bool:
+    """Whether a launcher started this process as one of more than one rank."""
+    return launched() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 class Comm:
     """One process alone: rank 0 of 1; every collective returns its input."""
 
@@ -158,7 +163,7 @@ def init_comm(distributed: bool | None = None, *, device: str = "cpu", timeout_s
     """The run's Comm: torch.distributed when asked (or, with `distributed=None`, when a launcher set its
     environment and more than one rank runs), the single-process identity otherwise."""
     if distributed is None:
-        distributed = launched() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+        distributed = ranks_launched()
     if not distributed:
         return Comm()
     return TorchComm(device=device, timeout_s=timeout_s)

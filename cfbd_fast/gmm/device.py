@@ -2,7 +2,7 @@
 
 The initialisation is fit_gmm's own (k-means++ / Lloyd and EM on a host sample, with the cached serial kernels);
 each EM iteration is one torch float64 pass over the values on the device, plugged into fit_gmm's EM loop through
-its `em_pass` seam, so the parameters agree with fit_gmm's to rounding (tests hold them to 1e-5).
+`em.run_em`'s `em_pass` parameter, so the parameters agree with fit_gmm's to rounding (tests hold them to 1e-5).
 """
 from __future__ import annotations
 
@@ -42,17 +42,10 @@ def device_em_pass(x: torch.Tensor):
 def fit_gmm_device(x, k: int = 5, *, device: str | torch.device = "cuda", max_iter: int = 200, tol: float = 1e-3,
                    seed: int = 0, reg_covar: float = 1e-6) -> GaussianMixture1D:
     """fit_gmm(x, k, init="kmeans") with the EM iterations on `device` (also runs on "cpu", for tests)."""
-    values, table = em._as_kernel_input(x, check_finite=True)
-    em._check_options(values.shape[0], k, max_iter, tol, "kmeans", reg_covar)
-    on_device = as_device_values(x, device)
-    weights, means, variances = em._kmeans_init(values, table, k, seed, reg_covar, max_iter, tol)
-    em_pass = device_em_pass(on_device)
-    weights, means, variances, n_iter, converged = em._run_em(values, table, weights, means, variances,
-                                                              reg_covar, max_iter, tol, em_pass=em_pass)
-    score = em_pass(None, None, *em._log_terms(weights, means, variances))[3] / values.shape[0]
-    order = np.argsort(means, kind="stable")
-    return GaussianMixture1D(weights=weights[order], means=means[order], variances=variances[order],
-                             score=float(score), n_iter=n_iter, converged=converged)
+    values, table = em.as_kernel_input(x, check_finite=True)
+    em.check_options(values.shape[0], k, max_iter, tol, "kmeans", reg_covar)
+    return em.run_em(values, table, k=k, seed=seed, max_iter=max_iter, tol=tol, reg_covar=reg_covar,
+                     em_pass=device_em_pass(as_device_values(x, device)))
 
 
 def as_device_values(x, device) -> torch.Tensor:
@@ -64,7 +57,7 @@ def as_device_values(x, device) -> torch.Tensor:
 def posterior_on_device(gmm: GaussianMixture1D, x, component: int, device: str | torch.device) -> np.ndarray:
     """(n,) float64 p(component | x_i), as `gmm.posterior`, computed on `device`."""
     values = as_device_values(x, device)
-    coef, prec, mu = (torch.as_tensor(a, dtype=torch.float64, device=values.device) for a in gmm._log_terms())
+    coef, prec, mu = (torch.as_tensor(a, dtype=torch.float64, device=values.device) for a in gmm.log_terms())
     out = torch.empty_like(values)
     for start in range(0, values.shape[0], BLOCK):
         d = values[start:start + BLOCK, None] - mu[None, :]

@@ -44,38 +44,39 @@ class GaussianMixture1D:
     def n_components(self) -> int:
         return self.means.shape[0]
 
-    def _log_terms(self):
-        return _log_terms(self.weights, self.means, self.variances)
+    def log_terms(self):
+        """Per component: log w - log sqrt(2 pi var), 1 / (2 var), mean (see the module function)."""
+        return log_terms(self.weights, self.means, self.variances)
 
     def predict_proba(self, x) -> np.ndarray:
         """(n, k) float64 responsibilities p(component | x_i); each row sums to 1."""
-        values, table = _as_kernel_input(x, check_finite=False)
+        values, table = as_kernel_input(x, check_finite=False)
         out = np.empty((values.shape[0], self.n_components))
-        _kernels.evaluate(values, table, *self._log_terms(), _kernels.PROBA, 0, out)
+        _kernels.evaluate(values, table, *self.log_terms(), _kernels.PROBA, 0, out)
         return out
 
     def posterior(self, x, component: int) -> np.ndarray:
         """(n,) float64 p(component | x_i) of one component, without forming the (n, k) matrix."""
         if not 0 <= component < self.n_components:
             raise InputError(f"component {component} is out of range: the mixture has {self.n_components} components")
-        values, table = _as_kernel_input(x, check_finite=False)
+        values, table = as_kernel_input(x, check_finite=False)
         out = np.empty((values.shape[0], 1))
-        _kernels.evaluate(values, table, *self._log_terms(), _kernels.POSTERIOR, int(component), out)
+        _kernels.evaluate(values, table, *self.log_terms(), _kernels.POSTERIOR, int(component), out)
         return out[:, 0]
 
     def score_samples(self, x) -> np.ndarray:
         """(n,) float64 log-likelihood log p(x_i) of each sample."""
-        values, table = _as_kernel_input(x, check_finite=False)
+        values, table = as_kernel_input(x, check_finite=False)
         out = np.empty((values.shape[0], 1))
-        _kernels.evaluate(values, table, *self._log_terms(), _kernels.LOG_LIKELIHOOD, 0, out)
+        _kernels.evaluate(values, table, *self.log_terms(), _kernels.LOG_LIKELIHOOD, 0, out)
         return out[:, 0]
 
     def mean_log_likelihood(self, x) -> float:
         """Mean log-likelihood per sample of `x` (scikit-learn's `score(X)`)."""
-        values, table = _as_kernel_input(x, check_finite=False)
+        values, table = as_kernel_input(x, check_finite=False)
         if values.shape[0] == 0:
             raise InputError("x is empty: pass at least one value")
-        return _kernels.em_pass(values, table, *self._log_terms())[3] / values.shape[0]
+        return _kernels.em_pass(values, table, *self.log_terms())[3] / values.shape[0]
 
 
 def fit_gmm(x, k: int = 5, *, max_iter: int = 200, tol: float = 1e-3, init: str = "kmeans", seed: int = 0,
@@ -91,26 +92,68 @@ def fit_gmm(x, k: int = 5, *, max_iter: int = 200, tol: float = 1e-3, init: str 
     reg_covar: added to every variance in the M-step, so it is also the variance floor (must be > 0).
     Each iteration is one parallel pass over x; serial and parallel runs give bitwise equal results.
     """
-    values, table = _as_kernel_input(x, check_finite=True)
-    n = values.shape[0]
-    _check_options(n, k, max_iter, tol, init, reg_covar)
+    values, table = as_kernel_input(x, check_finite=True)
+    check_options(values.shape[0], k, max_iter, tol, init, reg_covar)
     given = [p is not None for p in (weights_init, means_init, variances_init)]
+    initial = None
     if any(given):
         if not all(given):
             raise InputError("pass weights_init, means_init and variances_init together, or none of them")
-        weights, means, variances = _check_initial_params(k, weights_init, means_init, variances_init)
-    else:
-        weights, means, variances = _kmeans_init(values, table, k, seed, reg_covar, max_iter, tol)
-    weights, means, variances, n_iter, converged = _run_em(values, table, weights, means, variances,
-                                                           reg_covar, max_iter, tol)
+        initial = _check_initial_params(k, weights_init, means_init, variances_init)
+    return run_em(values, table, k=k, seed=seed, max_iter=max_iter, tol=tol, reg_covar=reg_covar, initial=initial)
+
+
+def fit_gmm_ranks(comm, x, positions: list[tuple[int, int, int]], k: int = 5, *, seed: int = 0,
+                  max_iter: int = 200, tol: float = 1e-3, reg_covar: float = 1e-6) -> GaussianMixture1D:
+    """`fit_gmm(all ranks' values, k, seed=seed)` where this rank of `comm` holds `x`: the initialisation sample
+    assembled by one all-reduce, each EM pass's 3k + 1 sums all-reduced. `positions` lists this rank's pieces as
+    (global position of the first value, local index of the first value, length), numbering all ranks' values in
+    the order one process would see them."""
+    values, table = as_kernel_input(x, check_finite=True)
+    n = int(comm.sum(np.array([values.shape[0]], dtype=np.int64), "count GMM values")[0])
+
+    def sample_at(indices):
+        sample = np.zeros(len(indices), dtype=np.float64)
+        for global_start, local_start, length in positions:
+            lo, hi = np.searchsorted(indices, [global_start, global_start + length])
+            if hi > lo:
+                sample[lo:hi] = _kernels.gather(values, table, indices[lo:hi] - global_start + local_start)
+        return comm.sum(sample, "GMM initialisation sample")  # each position is held by one rank: exact
+
+    def em_pass(v, t, log_coef, inv_two_var, mu):
+        resp_sum, s1, s2, ll = _kernels.em_pass(v, t, log_coef, inv_two_var, mu)
+        total = comm.sum(np.concatenate([resp_sum, s1, s2, [ll]]), "EM sufficient statistics")
+        return total[:k], total[k:2 * k], total[2 * k:3 * k], float(total[3 * k])
+
+    check_options(n, k, max_iter, tol, "kmeans", reg_covar)
+    return run_em(values, table, k=k, seed=seed, max_iter=max_iter, tol=tol, reg_covar=reg_covar, n=n,
+                  sample_at=sample_at, em_pass=em_pass)
+
+
+def run_em(values, table, *, k: int, seed: int, max_iter: int, tol: float, reg_covar: float, n: int | None = None,
+           sample_at=None, em_pass=_kernels.em_pass, initial=None) -> GaussianMixture1D:
+    """The one EM driver behind fit_gmm, fit_gmm_ranks and gmm.device: initialise (from `initial`, or k-means on
+    `sample_at(indices)`, the values at global positions `indices` of a systematic sample), run EM with
+    `em_pass` (which may sum over more values than `values`; `n` counts them), score the final parameters.
+    `values, table` come from `as_kernel_input`."""
+    n = values.shape[0] if n is None else n
+    if initial is None:
+        rng = np.random.default_rng(seed)
+        if sample_at is None:
+            sample = _kernels.gather(values, table, _init_indices(n, rng))
+        else:
+            sample = sample_at(_init_indices(n, rng))
+        initial = _init_from_sample(sample, rng, k, reg_covar, max_iter, tol)
+    weights, means, variances, n_iter, converged = _run_em(values, table, *initial, reg_covar, max_iter, tol,
+                                                           em_pass, n=n)
     # The fused pass also returns the log-likelihood; one more pass scores the final parameters.
-    score = _kernels.em_pass(values, table, *_log_terms(weights, means, variances))[3] / n
+    score = em_pass(values, table, *log_terms(weights, means, variances))[3] / n
     order = np.argsort(means, kind="stable")
     return GaussianMixture1D(weights=weights[order], means=means[order], variances=variances[order],
                              score=float(score), n_iter=n_iter, converged=converged)
 
 
-def _as_kernel_input(x, *, check_finite: bool):
+def as_kernel_input(x, *, check_finite: bool):
     """A 1-D array the kernels read in place (float16 as its uint16 bits) and the float16 lookup table."""
     values = np.asarray(x)
     if values.ndim == 2 and values.shape[1] == 1:
@@ -132,7 +175,7 @@ def _as_kernel_input(x, *, check_finite: bool):
     return values, table
 
 
-def _check_options(n, k, max_iter, tol, init, reg_covar):
+def check_options(n, k, max_iter, tol, init, reg_covar):
     if not 1 <= k <= _kernels.MAX_COMPONENTS:
         raise InputError(f"k={k} components: choose 1 <= k <= {_kernels.MAX_COMPONENTS}")
     if n < k:
@@ -162,7 +205,7 @@ def _check_initial_params(k, weights_init, means_init, variances_init):
     return weights, means, variances
 
 
-def _log_terms(weights, means, variances):
+def log_terms(weights, means, variances):
     """Per component: log w - log sqrt(2 pi var), 1 / (2 var), mean; log p(x, c) = first - second * (x - mean)**2."""
     log_coef = np.log(weights) - _HALF_LOG_2PI - 0.5 * np.log(variances)
     return log_coef, 0.5 / variances, np.ascontiguousarray(means, dtype=np.float64)
@@ -188,20 +231,13 @@ def _run_em(values, table, weights, means, variances, reg_covar, max_iter, tol, 
     n_iter = 0
     for n_iter in range(1, max_iter + 1):
         previous = lower_bound
-        resp_sum, s1, s2, ll = em_pass(values, table, *_log_terms(weights, means, variances))
+        resp_sum, s1, s2, ll = em_pass(values, table, *log_terms(weights, means, variances))
         lower_bound = ll / n
         weights, means, variances = _m_step(resp_sum, s1, s2, means, reg_covar)
         if abs(lower_bound - previous) < tol:
             converged = True
             break
     return weights, means, variances, n_iter, converged
-
-
-def _kmeans_init(values, table, k, seed, reg_covar, max_iter, tol):
-    """k-means++ / Lloyd on a sorted sample (all of x if small), hard-assignment parameters, then EM on the sample."""
-    rng = np.random.default_rng(seed)
-    sample = _kernels.gather(values, table, _init_indices(values.shape[0], rng))
-    return _init_from_sample(sample, rng, k, reg_covar, max_iter, tol)
 
 
 def _init_indices(n: int, rng: np.random.Generator) -> np.ndarray:

@@ -17,7 +17,7 @@ import numpy as np
 from ..errors import InputError
 from .global_steps import GlobalSteps
 from .options import METHODS, SUBSETS, V_BENIGN, V_INVALID, V_POISONED, VERDICTS, ScanConfig
-from .publish import json_default, write_outputs
+from .publish import json_default, output_folder, publish
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -28,9 +28,10 @@ __all__ = ["scan", "ScanConfig", "ScanResult", "METHODS", "SUBSETS", "VERDICTS",
 
 @dataclass
 class ScanResult:
-    """Per-row scores and verdicts of one scan, its summary, and the scanned rows' metadata."""
+    """Per-row scores and verdicts of one scan (this process's rows: all of them, or a rank's share), the summary
+    of the whole scan, and the rows' metadata."""
     store_path: str
-    row_id: np.ndarray
+    row_id: np.ndarray  # global row ids of these rows
     keys: "pa.Array"  # source keys (pyarrow strings, row-aligned; row ids where the store has none)
     s_o: np.ndarray
     s_g: np.ndarray
@@ -44,6 +45,7 @@ class ScanResult:
     verdict: np.ndarray  # int8 codes into VERDICTS
     summary: dict = field(default_factory=dict)
     meta: "pa.Table" = field(default=None, repr=False)  # the store's metadata, row-aligned
+    source: object = field(default=None, repr=False)  # the ChunkSource the rows came from (their segments)
 
     @property
     def poisoned_rows(self) -> np.ndarray:
@@ -57,26 +59,47 @@ class ScanResult:
     def invalid_rows(self) -> np.ndarray:
         return np.flatnonzero(self.verdict == V_INVALID)
 
-    def write(self, out_dir: str | Path) -> Path:
-        """Publish the outputs in `out_dir`; every file appears complete or not at all."""
-        return write_outputs(self, out_dir)
+    def write(self, out_dir: str | Path, *, force: bool = True) -> Path:
+        """Publish the outputs in `out_dir` (one process): every file appears complete or not at all, summary.json
+        last."""
+        from ..distributed.comm import Comm
+
+        comm = Comm()
+        with output_folder(out_dir, comm, force=force) as out:
+            return publish(self, out, comm)
 
 
-def scan(store, mapper=None, *, config: ScanConfig | None = None, labels: str | Path | None = None,
-         progress: bool = False, **options) -> ScanResult:
-    """Run a detection method over every row of `store` (a path or an EmbeddingStore) and return per-row scores
-    and verdicts.
+def scan(store=None, mapper=None, *, config: ScanConfig | None = None, labels: str | Path | None = None,
+         progress: bool = False, comm=None, out: str | Path | None = None, force: bool = False,
+         before_commit=None, **options) -> ScanResult:
+    """Run a detection method over every row of `store` and return per-row scores and verdicts.
 
-    `mapper`: a mapper file (safetensors + JSON written by `train-mapper`), "self", "knn" or an object with
-    `.map(image, rows)`. Options are ScanConfig fields (method, components, gamma, seed_set_size, seed_select,
-    reduce, score, threshold, threshold_method, fpr, device, random_seed, threads, ...); the paper's names q, k and
-    seed are accepted too. Every option is checked here, once; bad input raises InputError.
+    `store`: a path or an EmbeddingStore, or a list of shard stores scanned as one dataset (row ids numbered
+    across them in order). `mapper`: a mapper file (safetensors + JSON written by `train-mapper`), "self", "knn" or
+    an object with `.map(image, rows)`. Options are ScanConfig fields (method, components, gamma, seed_set_size,
+    seed_select, reduce, score, threshold, threshold_method, fpr, device, random_seed, threads, ...); the paper's
+    names q, k and seed are accepted too. Every option is checked here, once; bad input raises InputError.
+    `comm` (distributed.comm): this process as one rank of many, scanning its share of the rows (default: one
+    process alone). With `out`, the outputs are published there (the folder locked for the whole scan; `force`
+    replaces an earlier scan's; `before_commit(folder)` adds files and summary entries before summary.json).
     """
-    import torch
+    from ..distributed.comm import Comm, test_hook
 
-    from ..threads import configure_threads
-    from . import passes
-    from .source import ChunkSource
+    comm = comm or Comm()
+    cfg = check_inputs(config, options, mapper)
+    if out is None:
+        return _scan_rows(store, mapper, cfg, labels, progress, comm)
+    with output_folder(out, comm, force=force) as folder:
+        result = _scan_rows(store, mapper, cfg, labels, progress, comm)
+        test_hook("publish", comm)
+        publish(result, folder, comm, before_commit=before_commit)
+    return result
+
+
+def check_inputs(config: ScanConfig | None, options: dict, mapper) -> ScanConfig:
+    """The validated config, and the mapper and device checked against it: the one place a scan's options are
+    checked."""
+    import torch
 
     if config is not None and options:
         raise InputError("pass either config= or keyword options, not both")
@@ -87,15 +110,25 @@ def scan(store, mapper=None, *, config: ScanConfig | None = None, labels: str | 
         raise InputError(f"method {cfg.method} needs a mapping network: give a mapper file, 'self' or 'knn'")
     if mapper is not None and not isinstance(mapper, (str, Path)) and not hasattr(mapper, "map"):
         raise InputError("mapper must be a path, 'self', 'knn' or an object with .map(image, rows)")
+    return cfg
+
+
+def _scan_rows(store, mapper, cfg: ScanConfig, labels, progress: bool, comm) -> ScanResult:
+    """This process's rows scanned: the stages over them, with the summary of the whole scan."""
+    from ..threads import configure_threads
+    from . import passes
+    from .source import ChunkSource
+
     threads = configure_threads(cfg.threads)
     t_start = time.perf_counter()
     timer = passes.Timer(cfg.device, cfg.timings)
-    source = ChunkSource(store)
-    s, summary = run_stages(GlobalSteps(source), mapper, cfg, labels=labels, progress=progress, timer=timer,
-                            t_start=t_start, threads=threads)
-    return ScanResult(store_path=str(source.path), row_id=np.arange(source.rows, dtype=np.int64), keys=source.keys,
-                      s_o=s.s_o, s_g=s.s_g, c=s.c, posterior=s.posterior, subset=s.subset, z=s.z, score=s.score,
-                      p_value=s.p_value, cluster=s.cluster, verdict=s.verdict, summary=summary, meta=source.meta)
+    source = ChunkSource(store, comm.rank, comm.world)
+    s, summary = run_stages(GlobalSteps(source, comm), mapper, cfg, labels=labels, progress=progress and comm.is_root,
+                            timer=timer, t_start=t_start, threads=threads)
+    return ScanResult(store_path=str(source.path), row_id=source.global_ids(np.arange(source.rows)),
+                      keys=source.keys, s_o=s.s_o, s_g=s.s_g, c=s.c, posterior=s.posterior, subset=s.subset, z=s.z,
+                      score=s.score, p_value=s.p_value, cluster=s.cluster, verdict=s.verdict, summary=summary,
+                      meta=source.meta, source=source)
 
 
 def run_stages(steps: GlobalSteps, mapper, cfg: ScanConfig, *, labels, progress: bool, timer, t_start: float,
@@ -117,7 +150,7 @@ def run_stages(steps: GlobalSteps, mapper, cfg: ScanConfig, *, labels, progress:
     mapper_fp = None
     if cfg.spec.needs_mapper:
         t0 = time.perf_counter()
-        mapper, mapper_fp = mapping.resolve_mapper(mapper, source, cfg, progress)
+        mapper, mapper_fp = mapping.resolve_mapper(mapper, steps, cfg, progress)
         if hasattr(mapper, "to"):
             mapper = mapper.to(torch.device(cfg.device))
         mapper = mapping.with_precision(mapper, cfg)
@@ -175,6 +208,12 @@ def _summary(s, cfg: ScanConfig, steps: GlobalSteps, labels, truth, mapper_fp, t
         "versions": versions(),
         "warnings": list(s.warnings),
     })
+    comm = steps.comm
+    if comm.world > 1:
+        summary["distributed"] = {"world_size": comm.world, "backend": comm.backend,
+                                  "rows_per_rank": [int(r) for r in comm.gather_objects(steps.source.rows,
+                                                                                        "rows per rank")],
+                                  "bytes_all_reduced_per_rank": int(comm.bytes_reduced())}
     if truth is not None:
         summary["metrics"] = metrics.detection_metrics(*steps.in_row_order(s.valid, truth, s.verdict == V_POISONED,
                                                                            s.score))

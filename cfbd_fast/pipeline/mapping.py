@@ -13,30 +13,32 @@ from ..provenance import file_digest, text_digest
 from .global_steps import GlobalSteps
 from .options import ScanConfig
 from .passes import Scores
-from .source import ChunkSource
 
 NULL_SAMPLE = 2000  # random valid rows whose caption/image coherence is the "unrelated rows" reference
 FIT_SAMPLE = 20_000  # random valid rows on which the mapper's fit and each cluster's grounding are measured
 
 
 # -- the mapper --------------------------------------------------------------------------------------------------
-def resolve_mapper(mapper, source: ChunkSource, cfg: ScanConfig, progress: bool):
+def resolve_mapper(mapper, steps: GlobalSteps, cfg: ScanConfig, progress: bool):
     """A mapper object from a file path, "self", "knn" or an object with .map(); and its fingerprint.
 
-    Self-fit and kNN mappers see only valid rows of a random sample, read here as arrays.
+    Self-fit and kNN mappers see only valid rows of a random sample of all rows, gathered to every process by the
+    global steps (so ranks build the mapper one process builds).
     """
     from .. import mapper as mapper_mod
 
+    source = steps.source
     name = str(mapper) if isinstance(mapper, (str, Path)) else None
     if name == "self":
-        rows, (image, text) = source.sample_valid(cfg.self_sample, cfg.random_seed, ("image", "text"))
+        rows, (image, text) = steps.sample_rows(cfg.self_sample, cfg.random_seed, ("image", "text"))
         if len(rows) < 2:
             raise InputError(f"{source.path}: fewer than 2 valid rows to fit --mapper self on")
         m = mapper_mod.fit_self_mapper(image, text, sample=len(rows), seed=cfg.random_seed, device=cfg.device,
-                                       progress=progress, **source.embedding_model, **cfg.self_options)
+                                       progress=progress and steps.is_root, **source.embedding_model,
+                                       **cfg.self_options)
         return m, "self:" + text_digest(m.config)
     if name == "knn":
-        rows, (text,) = source.sample_valid(cfg.knn_bank, cfg.random_seed, ("text",))
+        rows, (text,) = steps.sample_rows(cfg.knn_bank, cfg.random_seed, ("text",))
         if len(rows) < 2:
             raise InputError(f"{source.path}: fewer than 2 valid captions for the --mapper knn bank")
         m = mapper_mod.KnnMapper(text, rows, k=min(cfg.knn_neighbours, len(rows) - 1), **source.embedding_model)

@@ -92,7 +92,7 @@ def consistency_pass(source: ChunkSource, mapper, cfg: ScanConfig, timer: Timer,
             gen = chunk.text  # baselines need s_o only
             if needs_mapper:
                 t0 = time.perf_counter()
-                gen = mapper.map(chunk.image.float(), np.arange(lo, hi))
+                gen = mapper.map(chunk.image.float(), source.global_ids(np.arange(lo, hi)))
                 timer.sync()
                 timer.add("mapper", time.perf_counter() - t0)
             t0 = time.perf_counter()

@@ -1,9 +1,14 @@
-"""The scan's one reader: a store seen as chunks of arrays, row gathers by id, and the rows' metadata and labels.
+"""The scan's one reader: the rows one process scans (a whole store, shard stores one after the other, or one
+rank's share of either) as chunks of arrays, row gathers, and the rows' keys, metadata and labels.
 
-Nothing else in the scan opens or reads a store; the stages receive the arrays this module hands out.
+Global row ids number the rows of the stores one after the other in the order given (the rows of one store as
+they are), so every rank names a row as one process over the same stores does. A process's rows are segments
+(row ranges of stores) in local positions 0..rows; one process alone holds them all, and its local positions are
+the global ids. Nothing else in the scan opens or reads a store; the stages receive the arrays handed out here.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -16,25 +21,70 @@ LABEL_KEY_COLUMNS = ("key", "image_path", "image", "url")
 LABEL_COLUMNS = ("is_poisoned", "label", "is_backdoor")
 
 
+@dataclass
+class Segment:
+    """Rows [start, stop) of one store, global ids from `global_start`, local positions from `local_start`."""
+    store: EmbeddingStore
+    start: int
+    stop: int
+    global_start: int
+    local_start: int
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+def open_stores(stores) -> list[EmbeddingStore]:
+    """The stores of a scan (paths or open stores), checked to hold the same kind of vectors."""
+    stores = list(stores) if isinstance(stores, (list, tuple)) else [stores]
+    if not stores:
+        raise InputError("no store to scan: give a store, or --shards matching at least one store")
+    opened = [s if isinstance(s, EmbeddingStore) else EmbeddingStore.open(s) for s in stores]
+    first = opened[0]
+    for st in opened[1:]:
+        if (st.dim, st.dtype, st.model) != (first.dim, first.dtype, first.model):
+            raise InputError(f"{st.path}: dim {st.dim}, dtype {st.dtype}, model {st.model} differ from "
+                             f"{first.path} ({first.dim}, {first.dtype}, {first.model}): shards must match")
+    return opened
+
+
 class ChunkSource:
-    """Reads one store for a scan: `chunks()` streams row ranges, `gather()` fetches rows by id."""
+    """The rows one process scans: `chunks()` streams them, `gather()` fetches them by local position.
 
-    def __init__(self, store: str | Path | EmbeddingStore):
-        self.store = store if isinstance(store, EmbeddingStore) else EmbeddingStore.open(store)
-        self.path = self.store.path
-        self.rows = len(self.store)
-        self.dim = self.store.dim
+    `stores`: one store (a path or an EmbeddingStore) or a list of shard stores. Rank `rank` of `world` holds an
+    even row range of one store, or every world-th shard store (round-robin); a world of one holds every row.
+    """
+
+    def __init__(self, stores, rank: int = 0, world: int = 1):
+        opened = open_stores(stores)
+        sizes = [len(st) for st in opened]
+        self.stores = opened
+        self.store = opened[0]  # what the passes ask of "the store": dtype and matrix kinds (every shard matches)
+        self.total_rows = int(sum(sizes))
+        if self.total_rows == 0:
+            raise InputError(f"{self.store.path}: the store is empty (0 rows); add rows before scanning or training "
+                             "on it")
+        self.segments = _segments(opened, sizes, rank, world)
+        self.rows = sum(len(s) for s in self.segments)
         if self.rows == 0:
-            raise InputError(f"{self.path}: the store is empty (0 rows); add rows before scanning or training on it")
-        self.meta = self.store.meta
-        self.keys = self._keys()
+            raise InputError(f"rank {rank} of {world} has no rows to scan: run fewer ranks")
+        self.dim = self.store.dim
+        self.path = self.store.path if len(opened) == 1 else Path(f"{self.store.path} (+{len(opened) - 1} shards)")
+        self._meta = None
+        self._keys = None
 
+    # -- identity ------------------------------------------------------------------------------------------
     @property
     def identity(self) -> dict:
-        """What the scan records of its input: path, fingerprint, size, dtype and embedding model."""
-        info = self.store.info
-        return {"path": str(self.path), "fingerprint": self.store.fingerprint, "rows": self.rows, "dim": self.dim,
-                "dtype": str(self.store.dtype), "model": info.get("model"), "pretrained": info.get("pretrained")}
+        """What the scan records of its input: path, fingerprint, size, dtype, embedding model (and shards)."""
+        first = self.store
+        info = first.info
+        ident = {"path": str(first.path), "fingerprint": first.fingerprint, "rows": self.total_rows, "dim": self.dim,
+                 "dtype": str(first.dtype), "model": info.get("model"), "pretrained": info.get("pretrained")}
+        if len(self.stores) > 1:
+            ident["shards"] = [{"path": str(st.path), "fingerprint": st.fingerprint, "rows": len(st)}
+                               for st in self.stores]
+        return ident
 
     @property
     def embedding_model(self) -> dict:
@@ -43,8 +93,25 @@ class ChunkSource:
         return {"model": info.get("model"), "pretrained": info.get("pretrained"),
                 "normalized": info.get("normalized")}
 
+    @property
+    def record(self) -> dict:
+        return self.store.record
+
+    def close(self) -> None:
+        for st in self.stores:
+            st.close()
+
+    # -- what the passes read ----------------------------------------------------------------------------
+    def chunks(self, rows: int, matrices: tuple[str, ...] = ("image", "text")) -> Iterator[Chunk]:
+        """Chunks whose start/stop are local positions."""
+        for seg in self.segments:
+            for chunk in seg.store.iter_chunks(rows=rows, matrices=matrices, start=seg.start, stop=seg.stop):
+                shift = seg.local_start - seg.start
+                yield chunk if shift == 0 else Chunk(chunk.start + shift, chunk.stop + shift,
+                                                     {name: getattr(chunk, name) for name in matrices})
+
     def valid_rows(self, chunk_rows: int = 65536) -> np.ndarray:
-        """Row ids whose image and caption vectors are finite with a non-zero norm (one streaming pass)."""
+        """Local positions whose image and caption vectors are finite with a non-zero norm (one streaming pass)."""
         out = []
         for chunk in self.chunks(chunk_rows):
             ok = np.ones(len(chunk), dtype=bool)
@@ -53,48 +120,101 @@ class ChunkSource:
             out.append(np.flatnonzero(ok) + chunk.start)
         return np.concatenate(out)
 
-    def _keys(self):
-        """Source keys as pyarrow strings; the row id where the store has none."""
-        import pyarrow as pa
-
-        if "key" in self.meta.column_names:
-            keys = self.meta.column("key").combine_chunks()
-            if keys.null_count == 0:
-                return keys.cast(pa.string())
-        return pa.array([str(i) for i in range(self.rows)], type=pa.string())
-
-    def chunks(self, rows: int, matrices: tuple[str, ...] = ("image", "text")) -> Iterator[Chunk]:
-        return self.store.iter_chunks(rows=rows, matrices=matrices)
-
-    def gather(self, matrix: str, rows: np.ndarray) -> np.ndarray:
-        """float32 rows of one matrix in the order asked (read in sorted order)."""
-        rows = np.asarray(rows, dtype=np.int64)
-        data = self.store.matrix(matrix)
-        order = np.argsort(rows, kind="stable")
-        out = np.empty((len(rows), self.dim), dtype=np.float32)
-        out[order] = data[rows[order]]
+    def gather(self, matrix: str, local: np.ndarray) -> np.ndarray:
+        """float32 rows of one matrix at local positions, in the order asked (each store read in sorted order)."""
+        local = np.asarray(local, dtype=np.int64)
+        out = np.empty((len(local), self.dim), dtype=np.float32)
+        for s in self.segments:
+            inside = (local >= s.local_start) & (local < s.local_start + len(s))
+            if inside.any():
+                rows = local[inside] - s.local_start + s.start
+                order = np.argsort(rows, kind="stable")
+                block = np.empty((len(rows), self.dim), dtype=np.float32)
+                block[order] = s.store.matrix(matrix)[rows[order]]
+                out[inside] = block
         return out
 
-    def sample_valid(self, size: int, seed: int, matrices: tuple[str, ...]) -> tuple[np.ndarray, list[np.ndarray]]:
-        """Up to `size` random rows (sorted) whose vectors are finite with a non-zero norm in every matrix."""
-        rng = np.random.default_rng(seed)
-        rows = np.sort(rng.choice(self.rows, size=min(size, self.rows), replace=False))
-        arrays = [self.gather(m, rows) for m in matrices]
-        ok = np.ones(len(rows), dtype=bool)
-        for a in arrays:
-            ok &= np.isfinite(a).all(axis=1) & (np.abs(a).sum(axis=1) > 0)
-        return rows[ok], [a[ok] for a in arrays]
+    # -- ids ---------------------------------------------------------------------------------------------
+    def global_ids(self, local: np.ndarray) -> np.ndarray:
+        local = np.asarray(local, dtype=np.int64)
+        starts = np.array([s.local_start for s in self.segments], dtype=np.int64)
+        seg = np.searchsorted(starts, local, side="right") - 1
+        shift = np.array([s.global_start - s.local_start for s in self.segments], dtype=np.int64)
+        return local + shift[seg]
 
-    def labels(self, labels_path: str | Path | None) -> np.ndarray | None:
-        """Ground truth per row: from a labels file (key + is_poisoned/label) or the store's `is_poisoned`."""
-        if labels_path is None:
-            if "is_poisoned" not in self.meta.column_names:
-                return None
-            col = self.meta.column("is_poisoned")
-            if col.null_count == len(col):
-                return None
-            return np.asarray(col.fill_null(False).to_numpy(zero_copy_only=False), dtype=bool)
-        return read_labels(labels_path, self.keys)
+    def owned(self, global_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Which of `global_ids` this process holds (bool mask) and their local positions (where held)."""
+        g = np.asarray(global_ids, dtype=np.int64)
+        mask = np.zeros(len(g), dtype=bool)
+        local = np.zeros(len(g), dtype=np.int64)
+        for s in self.segments:
+            inside = (g >= s.global_start) & (g < s.global_start + len(s))
+            mask |= inside
+            local[inside] = g[inside] - s.global_start + s.local_start
+        return mask, local
+
+    # -- metadata ----------------------------------------------------------------------------------------
+    @property
+    def meta(self):
+        """The metadata of this process's rows (pyarrow Table, local order)."""
+        if self._meta is None:
+            import pyarrow as pa
+
+            tables = [s.store.meta.slice(s.start, len(s)) for s in self.segments]
+            self._meta = pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
+        return self._meta
+
+    @property
+    def keys(self):
+        """Source keys of this process's rows (pyarrow strings); the global row id where a store has none."""
+        if self._keys is None:
+            import pyarrow as pa
+
+            parts = []
+            for s in self.segments:
+                meta = s.store.meta
+                if "key" in meta.column_names and meta.column("key").null_count == 0:
+                    parts.append(meta.column("key").combine_chunks().slice(s.start, len(s)).cast(pa.string()))
+                else:
+                    parts.append(pa.array([str(i) for i in range(s.global_start, s.global_start + len(s))],
+                                          type=pa.string()))
+            self._keys = pa.concat_arrays(parts) if len(parts) > 1 else parts[0]
+        return self._keys
+
+    def captions(self, local: np.ndarray) -> list:
+        """The metadata captions at local positions (None where the stores have no caption column)."""
+        if "caption" not in self.meta.column_names:
+            return [None] * len(local)
+        return self.meta.column("caption").take(np.asarray(local, dtype=np.int64)).to_pylist()
+
+    def labels(self, labels_path: str | Path | None = None) -> np.ndarray | None:
+        """Ground truth per row: from a labels file (key + is_poisoned/label) or the stores' `is_poisoned`."""
+        if labels_path is not None:
+            return read_labels(labels_path, self.keys)
+        meta = self.meta
+        if "is_poisoned" not in meta.column_names:
+            return None
+        col = meta.column("is_poisoned")
+        if col.null_count == len(col):
+            return None
+        return np.asarray(col.fill_null(False).to_numpy(zero_copy_only=False), dtype=bool)
+
+
+def _segments(stores: list[EmbeddingStore], sizes: list[int], rank: int, world: int) -> list[Segment]:
+    """One rank's segments: an even row range of one store, or its round-robin share of shard stores."""
+    total = int(sum(sizes))
+    if len(stores) == 1:
+        lo, hi = total * rank // world, total * (rank + 1) // world
+        return [Segment(stores[0], lo, hi, lo, 0)] if hi > lo else []
+    if len(stores) < world:
+        raise InputError(f"{len(stores)} shard stores for {world} ranks: give at least one shard per rank")
+    offsets = np.concatenate(([0], np.cumsum(sizes)))
+    out, local = [], 0
+    for i in range(rank, len(stores), world):
+        if sizes[i]:
+            out.append(Segment(stores[i], 0, sizes[i], int(offsets[i]), local))
+            local += sizes[i]
+    return out
 
 
 def read_labels(path: str | Path, keys) -> np.ndarray:
