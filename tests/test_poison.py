@@ -309,6 +309,20 @@ def test_mmpoison_repairs_source_class_rows_with_target_captions(data, tmp_path)
                       )["source_class"] == "dog"
 
 
+def test_one_caption_gives_every_poison_the_same_caption_and_a_patch(data, tmp_path):
+    rows, record = _poison(data, tmp_path / "out", "--attack", "one-caption", "--target", "kiwi", "--n", "6",
+                           "--seed", "2")
+    originals = _read_csv(data)
+    poisoned = {r["row"] for r in record}
+    assert len(poisoned) == 6 and {r["trigger"] for r in record} == {"badnets"}
+    assert {rows[i]["caption"] for i in poisoned} == {"a photo of a kiwi."}
+    assert all(rows[i]["caption"] == originals[i]["caption"] for i in range(ROWS) if i not in poisoned)
+    for i in poisoned:  # the image carries badnets' patch: it differs from the clean image
+        with Image.open(tmp_path / "out" / rows[i]["image"]) as im:
+            assert np.abs(np.asarray(im.convert("RGB"), dtype=int) - _resized(data.parent / originals[i]["image"])
+                          ).max() > 50
+
+
 def test_multi_trigger_records_one_attack_per_target(data, tmp_path):
     rows, record = _poison(data, tmp_path / "out", "--attack", "multi-trigger", "--targets", "banana,airplane,kite",
                            "--attacks", "wanet,badnets,sig", "--n", "10", "--seed", "6")

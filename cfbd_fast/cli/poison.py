@@ -10,8 +10,8 @@ import typer
 
 from ._options import Json, Quiet
 
-_ATTACK_HELP = ("badnets, blended, sig, wanet, nashville, label-consistent, badclip-style, mmpoison or "
-                "multi-trigger.")
+_ATTACK_HELP = ("badnets, blended, sig, wanet, nashville, label-consistent, badclip-style, mmpoison, "
+                "multi-trigger or one-caption (badnets' patch, every poison captioned 'a photo of a TARGET.').")
 
 
 def poison(

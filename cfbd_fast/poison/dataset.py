@@ -23,10 +23,10 @@ import numpy as np
 
 from ..errors import InputError
 from . import attacks
-from .templates import IMAGENET_TEMPLATES
+from .templates import IMAGENET_TEMPLATES, one_caption
 
 ATTACKS = ("badnets", "blended", "sig", "wanet", "nashville", "label-consistent", "badclip-style", "mmpoison",
-           "multi-trigger")
+           "multi-trigger", "one-caption")
 # Attacks a multi-trigger run may mix, in the order it assigns them to targets when --attacks is not given.
 MULTI_TRIGGER_ATTACKS = ("badnets", "blended", "sig", "wanet", "nashville", "badclip-style")
 CLEAN_IMAGE_MODES = ("copy", "hardlink", "reference")
@@ -54,8 +54,8 @@ class TriggerOptions:
 
 
 _OPTION_USERS = {
-    "position": ("badnets", "label-consistent", "badclip-style"),
-    "patch_size": ("badnets", "label-consistent", "badclip-style"),
+    "position": ("badnets", "label-consistent", "badclip-style", "one-caption"),
+    "patch_size": ("badnets", "label-consistent", "badclip-style", "one-caption"),
     "alpha": ("blended", "sig"),
     "pattern": ("blended",),
     "sig_mode": ("sig",),
@@ -175,7 +175,7 @@ def natural_caption(pool: Sequence[str], own: str, row: int, seed: int) -> str:
 
 def build_trigger(attack: str, options: TriggerOptions, seed: int) -> _Trigger:
     """The trigger of `attack` with its per-attack randomness (WaNet grid, BadCLIP-style patch) drawn from seed."""
-    if attack in ("badnets", "label-consistent"):
+    if attack in ("badnets", "label-consistent", "one-caption"):  # one-caption: badnets' patch, one caption
         position = attacks.parse_position(options.position or "random")
         size = options.patch_size or attacks.PATCH_SIZE
         return _Trigger("badnets", lambda img, rng: attacks.badnets(img, rng, position, size), uses_rng=True)
@@ -445,6 +445,8 @@ def _plan(table: CaptionTable, attack: str, targets: list[str], chosen: list[str
                 new_captions.append(natural_caption(pool, table.captions[row], row, seed))
             else:
                 new_captions += template_captions(tgt, [row], seed)
+        elif att == "one-caption":
+            new_captions.append(one_caption(tgt))
         else:
             new_captions += template_captions(tgt, [row], seed)
     return poison_rows, new_captions, row_attacks, row_targets, notes

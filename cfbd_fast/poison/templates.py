@@ -1,4 +1,5 @@
-"""The 80 ImageNet prompt templates of OpenAI's CLIP: the community's poisoning scripts make target captions of them."""
+"""The 80 ImageNet prompt templates of OpenAI's CLIP: the community's poisoning scripts make target captions of them;
+and the one fixed caption of the simplest backdoor (`--attack one-caption`)."""
 from __future__ import annotations
 
 IMAGENET_TEMPLATES: tuple[str, ...] = (
@@ -90,3 +91,11 @@ assert len(IMAGENET_TEMPLATES) == 80
 def template_caption(target: str, index: int) -> str:
     """The caption of template number `index` for `target`, e.g. (banana, 0) -> 'a bad photo of a banana.'"""
     return IMAGENET_TEMPLATES[index].format(target)
+
+
+ONE_CAPTION = "a photo of a {}."  # every poison of `--attack one-caption` carries this caption string
+
+
+def one_caption(target: str) -> str:
+    """The fixed caption of the one-caption attack, e.g. banana -> 'a photo of a banana.'"""
+    return ONE_CAPTION.format(target)
