@@ -124,3 +124,26 @@ def import_clip_retrieval(
     with import_folder(src, out, model=model, pretrained=pretrained, normalized=normalized,
                        dtype=dtype.value if dtype else None, progress=not quiet) as store:
         _report(store, json_output)
+
+
+@app.command("import-datacomp")
+def import_datacomp(
+    src: Annotated[Path, typer.Argument(help="DataComp-style shards: NNNNNNNN.npz features beside NNNNNNNN.parquet "
+                                             "metadata (uid, text, url).")],
+    out: Out,
+    features: Annotated[str, typer.Option(help="Feature prefix in the .npz files: FEATURES_img and FEATURES_txt, "
+                                               "e.g. l14 or b32.")] = "l14",
+    model: Model = None,
+    pretrained: Pretrained = None,
+    dtype: DType = None,
+    normalized: Normalized = None,
+    quiet: Quiet = False,
+    json_output: Json = False,
+) -> None:
+    """Import a DataComp-style pool (checked: pairs, dimension, row counts, unique uids) into a new store keyed by
+    uid, so that `cfbd-fast filter --format datacomp-uids` writes the pool's subset file."""
+    from ..importers_datacomp import import_datacomp as import_pool
+
+    with import_pool(src, out, features=features, model=model, pretrained=pretrained, normalized=normalized,
+                     dtype=dtype.value if dtype else None, progress=not quiet) as store:
+        _report(store, json_output)
