@@ -77,10 +77,20 @@ def scans(tmp_path_factory):
                                                  "is_poisoned": meta["is_poisoned"]},
                                            model=demo.model, pretrained=demo.pretrained)
         store.close()
+        for i, (lo, hi) in enumerate(((0, 2500), (2500, 7000), (7000, len(names)))):  # the same rows as 3 shards
+            shard = EmbeddingStore.from_arrays(root / f"part-{i}.cfbd", image=demo.image[lo:hi], text=demo.text[lo:hi],
+                                               meta={"caption": meta["caption"][lo:hi], "key": meta["key"][lo:hi],
+                                                     "source": names[lo:hi], "is_poisoned": meta["is_poisoned"][lo:hi]},
+                                               model=demo.model, pretrained=demo.pretrained)
+            shard.close()
     result = runner.invoke(app, ["scan", str(root / "pictures.cfbd"), "--mapper", str(mapper), "--out",
                                  str(root / "cfbd.scan"), "--report", "--quiet", "--json"])
     assert result.exit_code == 0, result.output
-    outputs = {"cfbd": root / "cfbd.scan", "demo": root / "demo.scan"}
+    outputs = {"cfbd": root / "cfbd.scan", "demo": root / "demo.scan", "printed": json.loads(result.stdout)}
+    result = runner.invoke(app, ["scan", "--shards", str(root / "part-*.cfbd"), "--mapper", str(mapper), "--out",
+                                 str(root / "shards.scan"), "--report", "--quiet", "--json"])
+    assert result.exit_code == 0, result.output
+    outputs["shards"] = root / "shards.scan"
     scan(scan_store, mapper).write(outputs["demo"])  # no image files: no thumbnails
     for method in ("cfbd-paper", "cosine"):
         outputs[method] = scan(root / "pictures.cfbd", mapper, method=method).write(root / f"{method}.scan")
@@ -170,6 +180,48 @@ def test_report_sections_for_each_method(scans, tmp_path):
     assert "Seed set" in paper and paper.count('data-kind="plot"') == 3 and 'data-kind="thumb"' in paper
     cosine = build_report(scans["cosine"]).read_text()
     assert "Caption clusters" not in cosine and cosine.count('data-kind="plot"') == 3  # s_o, score, curves
+
+
+def test_scan_prints_the_summary_it_wrote(scans):
+    """--json prints summary.json as written: out, report and the publish time included."""
+    written = json.loads((scans["cfbd"] / "summary.json").read_text())
+    assert scans["printed"] == written
+    assert written["out"] == str(scans["cfbd"]) and written["report"] == str(scans["cfbd"] / "report.html")
+    assert written["timings_s"]["publish"] > 0
+
+
+def test_shard_scan_outputs_are_parts_read_as_one_table(scans):
+    """A 3-shard scan writes scores.parquet and keep.parquet as folders of parts, one per shard, that pyarrow,
+    pq.read_table (what pandas.read_parquet calls) take as one table in row order, equal to the one-store scan's."""
+    import pyarrow.dataset as ds
+    import pyarrow.parquet as pq
+
+    one, parts = scans["cfbd"], scans["shards"]
+    for name in ("scores.parquet", "keep.parquet"):
+        assert sorted(p.name for p in (parts / name).iterdir()) == [
+            f"part-{start:015d}.parquet" for start in (0, 2500, 7000)], name
+        whole, split = pq.read_table(one / name), ds.dataset(parts / name, format="parquet").to_table()
+        assert whole.column("row_id").to_pylist() == split.column("row_id").to_pylist(), name
+        assert whole.column("key").to_pylist() == split.column("key").to_pylist(), name
+    frame = pq.read_table(parts / "scores.parquet")
+    np.testing.assert_allclose(frame.column("score").to_numpy(), pq.read_table(one / "scores.parquet").column("score")
+                               .to_numpy(), atol=1e-6, equal_nan=True)
+    for name in ("poisoned.txt", "keep.txt", "invalid.txt", "flagged.csv"):
+        assert (one / name).read_text() == (parts / name).read_text(), name
+
+
+def test_report_and_explain_of_a_shard_scan_keep_captions_and_images(scans):
+    """The report of a 3-shard scan opens every shard: no note that the store changed, thumbnails and captions
+    shown, and explain gives a flagged row's caption, image and nearest seed captions."""
+    html = (scans["shards"] / "report.html").read_text()
+    assert "changed since the scan" not in html and "is not found" not in html
+    assert 'data-kind="thumb"' in html and html.count('data-kind="plot"') == 3
+    flagged = (scans["shards"] / "poisoned.txt").read_text().split()
+    late = flagged[-1]  # a row of the last shard
+    e = explain_row(scans["shards"], late)
+    assert e["verdict"] == "poisoned" and e["label"] is True and e["notes"] == []
+    assert e["caption"] and e["image"].endswith(".png") and len(e["nearest_seeds"]) == 5
+    assert e["caption"] == explain_row(scans["cfbd"], late)["caption"]
 
 
 def test_report_without_its_store(scans, tmp_path):

@@ -1,5 +1,6 @@
-"""A scan's output folder read back for the report: summary.json, scores.parquet, and the scanned store where it
-can still be found (captions, labels, caption vectors and image files)."""
+"""A scan's output folder read back for the report: summary.json, scores.parquet (one file, or a folder of parts),
+and the scanned store or shard stores where they can still be found (captions, labels, caption vectors and image
+files)."""
 from __future__ import annotations
 
 import base64
@@ -21,7 +22,7 @@ class ScanOutputs:
     folder: Path
     summary: dict
     columns: dict  # scores.parquet as numpy arrays: row_id, key (object), the scores, subset/verdict (str), cluster
-    store: object = None  # the scanned EmbeddingStore, or None when it is gone or changed
+    store: object = None  # the scanned stores (a pipeline ChunkSource), or None when one is gone or changed
     notes: list = field(default_factory=list)  # what is left out of the report, and why
     labels: np.ndarray | None = None  # ground truth per row, when the store or the scan's labels file has it
 
@@ -61,10 +62,7 @@ class ScanOutputs:
         """L2-normalised float32 caption vectors of `rows`, or None without the store."""
         if self.store is None:
             return None
-        rows = np.asarray(rows, dtype=np.int64)
-        order = np.argsort(rows, kind="stable")
-        out = np.empty((len(rows), self.store.dim), dtype=np.float32)
-        out[order] = self.store.text[rows[order]]
+        out = self.store.gather("text", np.asarray(rows, dtype=np.int64))
         norms = np.linalg.norm(out, axis=1, keepdims=True)
         return out / np.where(norms > 0, norms, 1.0)
 
@@ -112,53 +110,82 @@ class ScanOutputs:
 
 
 def load(scan_dir: str | Path) -> ScanOutputs:
-    """Read a scan's folder; open its store when it is still where the scan found it and unchanged."""
-    import pyarrow.parquet as pq
-
+    """Read a scan's folder; open its stores when they are still where the scan found them and unchanged."""
     folder = Path(scan_dir)
     if not folder.is_dir():
         raise InputError(f"{folder}: no such folder; give the --out folder of `cfbd-fast scan`")
     for name in ("summary.json", "scores.parquet"):
-        if not (folder / name).is_file():
+        if not (folder / name).exists():
             raise InputError(f"{folder}: no {name}, so not a scan's output folder; run `cfbd-fast scan STORE --out "
                              f"{folder}` first")
     try:
         summary = json.loads((folder / "summary.json").read_text())
     except ValueError as exc:
         raise InputError(f"{folder / 'summary.json'}: not valid JSON ({exc}); run the scan again") from None
-    table = pq.read_table(folder / "scores.parquet")
+    if not isinstance(summary, dict) or not {"config", "store", "threshold"} <= set(summary):
+        raise InputError(f"{folder / 'summary.json'}: not a scan's summary (no config, store or threshold); run the "
+                         "scan again")
+    table = read_table(folder / "scores.parquet")
     columns = {"row_id": table.column("row_id").to_numpy(),
                "key": table.column("key").to_numpy(zero_copy_only=False),
                "cluster": table.column("cluster").to_numpy().astype(np.int64)}
     for name in SCORE_COLUMNS:
         columns[name] = table.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
     for name in ("subset", "verdict"):
-        codes = table.column(name).combine_chunks()  # dictionary-encoded: decode through the small dictionary
-        columns[name] = np.asarray(codes.dictionary.to_pylist(), dtype=object)[codes.indices.to_numpy()]
+        columns[name] = table.column(name).cast("string").to_numpy()  # dictionary-encoded, per part
     out = ScanOutputs(folder=folder, summary=summary, columns=columns)
     out.store = _open_store(out)
     out.labels = _labels(out)
     return out
 
 
+def read_table(path: Path):
+    """A table the scan wrote: one parquet file, or a folder of parts read as one dataset in row order."""
+    import pyarrow.dataset as ds
+
+    try:
+        table = ds.dataset(path, format="parquet").to_table()
+        if table.num_rows and "row_id" in table.column_names:
+            row_id = table.column("row_id").to_numpy()
+            if np.any(np.diff(row_id) < 0):
+                table = table.take(np.argsort(row_id, kind="stable"))
+        return table
+    except (OSError, ValueError) as exc:  # pyarrow's errors for unreadable parquet derive from these
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InputError(f"{path}: cannot read it ({detail}); run the scan again") from None
+
+
 def _open_store(out: ScanOutputs):
+    """The scanned stores (the store, or every shard in order) as one reader, when each is where the scan found it
+    and unchanged."""
+    from ..pipeline.source import ChunkSource
     from ..store import EmbeddingStore
 
     recorded = out.summary.get("store", {})
-    path = Path(recorded.get("path", ""))
-    candidates = [path] if path.is_absolute() else [path, out.folder.parent / path, out.folder.parent / path.name]
-    found = next((p for p in candidates if (p / "store.json").is_file()), None)
-    if found is None:
-        out.notes.append(f"the scanned store {path} is not found, so captions, labels, thumbnails and nearest seed "
-                         "captions are left out (run the report where the scan ran)")
-        return None
-    store = EmbeddingStore.open(found)
-    if store.fingerprint != recorded.get("fingerprint") or len(store) != out.rows:
-        out.notes.append(f"the store {found} changed since the scan (fingerprint {store.fingerprint}, the scan read "
-                         f"{recorded.get('fingerprint')}), so its captions, labels and images are left out")
+    listed = recorded.get("shards") or [recorded]
+    opened = []
+    for entry in listed:
+        path = Path(entry.get("path", ""))
+        candidates = [path] if path.is_absolute() else [path, out.folder.parent / path, out.folder.parent / path.name]
+        found = next((p for p in candidates if (p / "store.json").is_file()), None)
+        if found is None:
+            out.notes.append(f"the scanned store {path} is not found, so captions, labels, thumbnails and nearest "
+                             "seed captions are left out (run the report where the scan ran)")
+            break
+        store = EmbeddingStore.open(found)
+        opened.append(store)
+        if store.fingerprint != entry.get("fingerprint"):
+            out.notes.append(f"the store {found} changed since the scan (fingerprint {store.fingerprint}, the scan "
+                             f"read {entry.get('fingerprint')}), so its captions, labels and images are left out")
+            break
+    else:
+        if sum(len(s) for s in opened) == out.rows:
+            return ChunkSource(opened)
+        out.notes.append(f"the scanned stores hold {sum(len(s) for s in opened):,} rows, the scan {out.rows:,}, so "
+                         "captions, labels and images are left out")
+    for store in opened:
         store.close()
-        return None
-    return store
+    return None
 
 
 def _labels(out: ScanOutputs) -> np.ndarray | None:
