@@ -20,6 +20,9 @@ from pathlib import Path
 
 import pytest
 
+from typer.testing import CliRunner
+
+from cfbd_fast.cli.main import app
 from cfbd_fast.embed import TINY_MODEL
 from cfbd_fast.store import EmbeddingStore
 from test_embed import _write_csv_dataset
@@ -162,11 +165,19 @@ def test_a_killed_holder_releases_the_lock_and_the_next_writer_resumes(tmp_path,
 
         os.kill(holder.pid, signal.SIGKILL)  # the main process only: its loader worker must not keep the lock
         holder.wait()
+        with EmbeddingStore.open(store) as opened:
+            finished, done, total = opened.completion
+            assert not finished and total == 320 and done == len(opened) and 16 <= done < 320
+        info = CliRunner().invoke(app, ["store", "info", str(store), "--no-health"])
+        assert (f"status       incomplete: embedding stopped at row {done} of 320 (rerun the same command to resume)"
+                in info.stdout.splitlines()), info.stdout
         resumed = racers.race([[*args, "--json"], ["--version"]])[0]
         assert resumed["code"] == 0, resumed["stderr"]
         with EmbeddingStore.open(store) as opened:
             embed = opened.record["embed"]
         assert embed["position"] == [1, 0] and _check_whole(store) == 320
+        with EmbeddingStore.open(store) as opened:
+            assert opened.completion == (True, 320, 320)
     finally:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(holder.pid, signal.SIGKILL)  # and any worker left behind

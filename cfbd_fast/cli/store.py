@@ -53,12 +53,21 @@ def _print_info(info: dict, health: dict | None) -> None:
         ("format", f"v{info['format_version']} (written by cfbd-fast {info['cfbd_fast_version']})"),
         ("fingerprint", info["fingerprint"]),
     ]
+    if not info["complete"]:
+        lines.insert(1, ("status", incomplete_note(info["inputs_done"], info["inputs_total"])))
     for name, counts in (health or {}).items():
         lines.append((f"{name} health", f"{counts['nonfinite_rows']:,} rows with NaN/inf, "
                                         f"{counts['zero_norm_rows']:,} rows of zero norm"))
     width = max(len(k) for k, _ in lines)
     for key, value in lines:
         typer.echo(f"{key:<{width}}  {value}")
+
+
+def incomplete_note(done: int | None, total: int | None) -> str:
+    """How `store info` describes a store whose embedding was stopped before the end of its input."""
+    at = f"row {done:,}" if done is not None else "a row"
+    of = f" of {total:,}" if total is not None else ""
+    return f"incomplete: embedding stopped at {at}{of} (rerun the same command to resume)"
 
 
 def _report(store, json_output: bool, health: dict | None = None) -> None:

@@ -257,7 +257,7 @@ def _run(store: EmbeddingStore, source: Source, loaded: LoadedModel, position: t
         done["inputs"] += batch.inputs
         if batch.commit is not None:
             tick = time.perf_counter()
-            writer.submit(state["chunk"], {**record, "input": source.identity(), "position": list(batch.commit)})
+            writer.submit(state["chunk"], {**record, "input": source.identity(), **_progress(source, batch.commit)})
             timings["write_wait_s"] += time.perf_counter() - tick
             state["chunk"] = _Chunk(source.has_poison_labels)
         bar.advance(batch.inputs)
@@ -426,6 +426,15 @@ class _Chunk:
         store.append(image=image, text=text, meta=meta, skipped=skipped, record={_RECORD_KEY: record})
 
 
+def _progress(source: Source, position: tuple[int, int]) -> dict:
+    """The commit record's account of how far the input is embedded (`EmbeddingStore.completion` reads it): the
+    resume position, the number of units, and inputs read so far of how many (None when not known up front)."""
+    unit, offset = position
+    before = [u.expected for u in source.units[:unit]]
+    done = None if any(c is None for c in before) else sum(before) + offset
+    return {"position": [unit, offset], "units": len(source.units), "inputs_done": done, "inputs_total": source.expected}
+
+
 def _remaining(source: Source, position: tuple[int, int]) -> int | None:
     unit, offset = position
     counts = [u.expected for u in source.units[unit:]]
@@ -487,7 +496,7 @@ def _plan_out(out: Path, source: Source, identity: dict, dtype: str, overwrite: 
 
 def _open_out(out: Path, action: str, source: Source, identity: dict, dtype: str) -> EmbeddingStore:
     """Open OUT for writing as `_plan_out` decided, once the model has loaded."""
-    fresh = {"input": source.identity(), "model": identity, "position": [0, 0], "first_row": 0}
+    fresh = {"input": source.identity(), "model": identity, **_progress(source, (0, 0)), "first_row": 0}
     if action in ("resume", "append"):
         store = EmbeddingStore.open(out, mode="a")
         if action == "append":

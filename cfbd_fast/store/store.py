@@ -190,7 +190,17 @@ class EmbeddingStore:
                 "matrices": list(body["matrices"]), "model": body["model"], "pretrained": body["pretrained"],
                 "normalized": body["normalized"], "cfbd_fast_version": body["cfbd_fast_version"],
                 "format_version": body["format_version"], "size_bytes": size, "fingerprint": self.fingerprint,
-                "skipped": self.skipped_count}
+                "skipped": self.skipped_count, "complete": self.completion[0], "inputs_done": self.completion[1],
+                "inputs_total": self.completion[2]}
+
+    @property
+    def completion(self) -> tuple[bool, int | None, int | None]:
+        """(finished, inputs read, inputs in all) of the writer that made the store; an `embed` that was stopped
+        is unfinished until the same command is run again. Counts are None when not known."""
+        record = self._body.get("embed")
+        if not isinstance(record, dict) or "units" not in record:
+            return True, None, None  # written in one go (from_arrays and the importers remove what they leave)
+        return record["position"][0] >= record["units"], record.get("inputs_done"), record.get("inputs_total")
 
     @property
     def skipped_count(self) -> int:
