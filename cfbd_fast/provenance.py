@@ -9,16 +9,24 @@ from pathlib import Path
 
 from ._version import __version__
 
-LIBRARIES = ("numpy", "torch", "triton", "numba", "sklearn", "pyarrow", "open_clip")
+# the name a summary records -> the distribution whose installed metadata gives its version
+LIBRARIES = {"numpy": "numpy", "torch": "torch", "triton": "triton", "numba": "numba", "sklearn": "scikit-learn",
+             "pyarrow": "pyarrow", "open_clip": "open_clip_torch"}
 
 
 def versions() -> dict:
-    """Versions of Python, cfbd-fast and the libraries it computes with (None for one that does not import)."""
+    """Versions of Python, cfbd-fast and the libraries it computes with (None for one that is not installed).
+
+    Read from the installed packages' metadata: recording a version imports nothing (open_clip with torchvision and
+    scikit-learn alone take seconds to import, longer than a small scan).
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
     out = {"cfbd-fast": __version__, "python": platform.python_version(), "os": platform.platform()}
-    for name in LIBRARIES:
+    for name, distribution in LIBRARIES.items():
         try:
-            out[name] = __import__(name).__version__
-        except Exception:  # a diagnostic never fails
+            out[name] = version(distribution)
+        except PackageNotFoundError:
             out[name] = None
     return out
 
