@@ -89,9 +89,55 @@ def info(
     """Rows, dim, dtype, model, size and row health of a store."""
     from ..store import EmbeddingStore
 
+    from ..store.verify import verify as verify_store
+
     with EmbeddingStore.open(path) as store:
-        counts = store.health(progress=not quiet) if health else None
+        counts = verify_store(store, progress=not quiet)["health"] if health else None  # parts checked too
         _report(store, json_output, counts)
+
+
+@app.command()
+def verify(
+    path: Annotated[Path, typer.Argument(help="A store directory (NAME.cfbd).")],
+    quiet: Quiet = False,
+    json_output: Json = False,
+) -> None:
+    """Check every part's size and CRC against the commit record and read every row; exit 1 naming a bad file."""
+    from ..store import EmbeddingStore
+    from ..store.verify import verify as verify_store
+
+    with EmbeddingStore.open(path) as store:
+        result = verify_store(store, progress=not quiet)
+    if json_output:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    typer.echo(f"ok  {result['path']}: {result['rows']:,} rows, {result['files_checked']} files checked (the commit "
+               f"record, {len(result['health'])} matrices, {result['parts_checked']} parts by CRC)")
+    if not result["complete"]:
+        typer.echo(f"    {incomplete_note(result['inputs_done'], result['inputs_total'])}")
+
+
+@app.command()
+def skips(
+    path: Annotated[Path, typer.Argument(help="A store directory (NAME.cfbd).")],
+    json_output: Json = False,
+) -> None:
+    """List the inputs a writer could not embed (the skip list): key, source, reason, detail."""
+    from ..store import EmbeddingStore
+
+    with EmbeddingStore.open(path) as store:
+        rows = store.skipped.to_pylist()
+    if json_output:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        typer.echo(f"{path}: the skip list is empty")
+        return
+    columns = list(rows[0])
+    cells = [[("" if row[c] is None else str(row[c])).replace("\n", " ") for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    for line in [columns, *cells]:
+        typer.echo("  ".join(value.ljust(width) for value, width in zip(line, widths)).rstrip())
 
 
 @app.command("from-npy")
