@@ -32,10 +32,12 @@ $(VENV)/.built: $(VENV)/.deps setup.py CMakeLists.txt $(wildcard csrc/*)
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
-# Real-image benchmark material in .cache/realdata/ (git-ignored): captioned emoji parts and the open_clip local-dir
-# model (its image tower's weights ship in benchmarks/data/); builds only what is missing. Needs npm for the emoji.
+# Real-image benchmark material in .cache/realdata/<domain>/ (git-ignored), what the tests need: the Twemoji and
+# Openclipart parts (2,000-pair scan parts) and each domain's open_clip local-dir model (its image tower's weights
+# ship in benchmarks/data/); builds only what is missing. Needs npm (emoji) and apt-get (Debian's openclipart-png,
+# downloaded and unpacked into the cache, nothing installed). bench_quality.py builds the rest it uses.
 realdata: build
-	$(BIN)/python benchmarks/realdata.py
+	$(BIN)/python benchmarks/realdata.py --towers full
 
 # CPU benchmarks of this machine; each prints a table and appends to benchmarks/results.csv.
 bench: build realdata

@@ -214,7 +214,7 @@ def main(argv=None) -> None:
     threads = configure_threads()
     started = time.perf_counter()
     cache = realdata.SMALL_CACHE if args.small else realdata.DEFAULT_CACHE
-    data = realdata.ensure_all(cache, small=args.small, progress=False)
+    data = realdata.ensure_all(cache, small=args.small, progress=False, sizes=None if args.small else (10000,))
     spec = replace(SMALL_TOWER if args.small else FULL_TOWER, epochs=args.epochs, batch_size=args.batch_size)
     work = args.work / ("small" if args.small else "full")
     work.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,7 @@ import numpy as np
 
 from realdata import read_labels, staging
 
-SHIPPED_TOWER = Path(__file__).resolve().parent / "data" / "realdata-tower.safetensors"  # + .json: its record
+SHIPPED = Path(__file__).resolve().parent / "data"  # tower-<domain>-<tower>.safetensors + .json: its record
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 MEAN = (0.48145466, 0.4578275, 0.40821073)  # open_clip's default (OpenAI) normalisation
 STD = (0.26862954, 0.26130258, 0.27577711)
@@ -33,7 +33,13 @@ class TowerSpec:
 
 
 FULL_TOWER = TowerSpec()
+WEAK_TOWER = TowerSpec(epochs=6)  # the same recipe for a quarter of the epochs: a weaker tower
 SMALL_TOWER = TowerSpec(epochs=10, batch_size=128)
+TOWERS = {"full": FULL_TOWER, "weak": WEAK_TOWER}
+
+
+def shipped_path(domain_name: str, tower: str) -> Path:
+    return SHIPPED / f"tower-{domain_name}-{tower}.safetensors"
 
 
 def text_model_dir() -> Path:
@@ -170,17 +176,20 @@ def fit_image_tower(model, images, targets, bank, spec: TowerSpec, seed: int, pr
 
 
 def train_image_tower(cache: Path, spec: TowerSpec | None = None, small: bool = False, seed: int = 0,
-                      progress: bool = True, retrain: bool = False) -> Path:
-    """Train the image tower on cache/train against the frozen text tower; save cache/model as a `local-dir:` folder.
+                      progress: bool = True, retrain: bool = False, tower: str = "full",
+                      domain_name: str = "twemoji") -> Path:
+    """Train the image tower on cache/train against the frozen text tower; save it as a `local-dir:` folder
+    (cache/model for the full recipe, cache/model-weak for the weak one).
     Rebuilds only when the model is missing or was trained on other data, spec or seed; installs the shipped
     weights (benchmarks/data/) instead of training when they were trained on the same (`retrain` trains anyway)."""
     import torch
 
     from cfbd_fast.threads import configure_threads
 
-    spec = spec or (SMALL_TOWER if small else FULL_TOWER)
+    spec = spec or (SMALL_TOWER if small else TOWERS[tower])
     cache = Path(cache)
-    model_dir, train_dir = cache / "model", cache / "train"
+    model_dir, train_dir = cache / ("model" if tower == "full" else f"model-{tower}"), cache / "train"
+    shipped_file = shipped_path(domain_name, tower)
     wanted = dict(spec=asdict(spec), seed=seed, train_csv_sha256=_digest(train_dir / "data.csv"))
     wanted = json.loads(json.dumps(wanted))  # as training.json stores it
     record_path = model_dir / "training.json"
@@ -194,13 +203,13 @@ def train_image_tower(cache: Path, spec: TowerSpec | None = None, small: bool = 
     start = time.perf_counter()
     cfg = model_config(spec)
     model, tokenizer, preprocess = new_model(spec, seed)
-    shipped = _shipped_tower(wanted) if not retrain else None
+    shipped = _shipped_tower(shipped_file, wanted) if not retrain else None
     if shipped is not None:  # the benchmark's own tower: the same model on every machine, no training
         weights, record = shipped
         missing, unexpected = model.load_state_dict(weights, strict=False)
         if unexpected or any(not k.startswith("text.") for k in missing):
-            raise ValueError(f"{SHIPPED_TOWER} does not fit the image tower: retrain with --retrain")
-        _save_model(model_dir, model, cfg, spec, dict(record, installed_from=SHIPPED_TOWER.name))
+            raise ValueError(f"{shipped_file} does not fit the image tower: retrain with --retrain")
+        _save_model(model_dir, model, cfg, spec, dict(record, installed_from=shipped_file.name))
         return model_dir
 
     rows = read_labels(train_dir)
@@ -224,19 +233,19 @@ def train_image_tower(cache: Path, spec: TowerSpec | None = None, small: bool = 
     return model_dir
 
 
-def _shipped_tower(wanted: dict):
+def _shipped_tower(shipped_file: Path, wanted: dict):
     """The shipped image-tower weights and their training record, when they were trained on exactly this data,
     spec and seed (torch's training results depend on the thread count, so shipping them gives every machine
     the benchmark's model); None otherwise."""
     from safetensors.torch import load_file
 
-    record_path = SHIPPED_TOWER.with_suffix(".json")
-    if not (SHIPPED_TOWER.is_file() and record_path.is_file()):
+    record_path = shipped_file.with_suffix(".json")
+    if not (shipped_file.is_file() and record_path.is_file()):
         return None
     record = json.loads(record_path.read_text())
     if {k: record.get(k) for k in wanted} != wanted:
         return None
-    return load_file(str(SHIPPED_TOWER)), record
+    return load_file(str(shipped_file)), record
 
 
 def _save_model(model_dir: Path, model, cfg: dict, spec: TowerSpec, record: dict) -> None:
@@ -290,3 +299,17 @@ def evaluate_retrieval(model_dir: Path, part_dir: Path, progress: bool = True) -
     return dict(images=len(rows), captions=len(captions), r1=float((ranks < 1).float().mean()),
                 r5=float((ranks < 5).float().mean()), seen_r1=float((ranks[~novel] < 1).float().mean()),
                 novel_r1=float((ranks[novel] < 1).float().mean()) if novel.any() else float("nan"))
+
+
+def ship_tower(model_dir: Path, domain_name: str, tower: str) -> Path:
+    """Copy a trained model's image-tower weights and training record to benchmarks/data/ (what `train_image_tower`
+    installs on other machines instead of training)."""
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(Path(model_dir) / "open_clip_model.safetensors"))
+    out = shipped_path(domain_name, tower)
+    save_file({k: v for k, v in weights.items() if not k.startswith("text.")}, str(out))
+    record = json.loads((Path(model_dir) / "training.json").read_text())
+    out.with_suffix(".json").write_text(json.dumps({k: v for k, v in record.items() if k != "installed_from"},
+                                                   indent=1) + "\n")
+    return out

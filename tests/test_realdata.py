@@ -1,5 +1,6 @@
-"""The realdata benchmark material: emoji parts with the promised structure, a text tower equal to
-sentence-transformers' all-MiniLM-L6-v2, and a trained model folder that loads through open_clip `local-dir:`."""
+"""The realdata benchmark material: parts with the promised structure in both domains (Twemoji, Openclipart), a
+text tower equal to sentence-transformers' all-MiniLM-L6-v2, and a trained model folder that loads through open_clip
+`local-dir:`."""
 from __future__ import annotations
 
 import collections
@@ -14,7 +15,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import realdata  # noqa: E402
+import realdata_openclipart  # noqa: E402
 import realdata_tower  # noqa: E402
+import realdata_twemoji  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -93,7 +96,7 @@ def test_image_embeddings_retrieve_captions_better_than_chance(small, loaded):
 
 def test_parts_have_the_promised_structure(small):
     spec = realdata.SMALL
-    parts = {p: path.parent for p, path in small["parts"].items()}
+    parts = {p: path.parent for p, path in small["parts"].items() if p != "scan"}
     labels = {p: realdata.read_labels(d) for p, d in parts.items()}
     for part, folder in parts.items():
         rows = _rows(folder)
@@ -101,22 +104,23 @@ def test_parts_have_the_promised_structure(small):
         assert [r["image"] for r in rows] == [r["image"] for r in labels[part]]
         assert all((folder / r["image"]).is_file() for r in rows)
     assert len(labels["train"]) == spec.train and len(labels["mapper"]) == spec.mapper
-    assert len(labels["scan"]) == spec.scan
+    labels["scan"] = labels[realdata.scan_part(spec.scan_sizes[0])]
+    assert len(labels["scan"]) == spec.scan_sizes[0] == 600
     assert len(labels["test"]) == spec.identities == len({r["identity"] for r in labels["test"]})
 
     groups = collections.defaultdict(list)
     for row in labels["scan"]:
         if row["kind"] == "boilerplate":
             groups[row["group"]].append(row)
-    assert len(groups) == spec.scan_groups
+    assert len(groups) == 4  # 67 per 10,000 pairs
     for members in groups.values():
         assert spec.group_size[0] <= len(members) <= spec.group_size[1]
-        assert len({r["caption"] for r in members}) == 1 and members[0]["caption"] in realdata.BOILERPLATE
+        assert len({r["caption"] for r in members}) == 1 and members[0]["caption"] in realdata_twemoji.BOILERPLATE
         assert len({r["emoji"] for r in members}) == len(members)
     assert len({g[0]["caption"] for g in groups.values()}) == len(groups)
 
     bananas = [r for r in labels["scan"] if r["kind"] == "banana"]
-    assert len(bananas) == spec.banana_pairs
+    assert len(bananas) == 6  # 100 per 10,000 pairs
     assert {r["name"] for r in bananas} == {"banana"} and all("banana" in r["caption"] for r in bananas)
     assert sum(r["kind"] == "banana" for r in labels["train"]) == spec.train_banana_pairs > 0
 
@@ -125,30 +129,31 @@ def test_parts_have_the_promised_structure(small):
     assert not novel & {r["identity"] for r in labels["train"]}
     assert novel <= {r["identity"] for r in labels["scan"]} | {r["identity"] for r in labels["mapper"]}
 
-    digests = [realdata.file_digest(parts[p] / r["image"]) for p in realdata.PARTS for r in labels[p]]
+    digests = [realdata.file_digest(parts[p] / r["image"]) for p in parts for r in labels[p]]
     assert len(set(digests)) == len(digests), "an image occurs twice across the parts"
 
 
 def test_full_size_plan_keeps_its_promises(small):
     """The full build's row plan (no rendering): >= 8,000 scan pairs, ~20 boilerplate groups of 10-40, bananas."""
     spec = realdata.FULL
-    emoji = realdata.load_emoji(small["cache"] / "emoji")
+    emoji = realdata_twemoji.load(small["cache"] / "emoji")
     assert len({e.identity for e in emoji}) > 1800 and len(emoji) > 3500
     identities, novel = realdata._choose_identities(emoji, spec, seed=0)
-    plans = {p: realdata._plan_part(p, emoji, novel, spec, seed=0) for p in realdata.PARTS}
-    scan = plans["scan"]
+    plans = {p: realdata._plan_part(p, emoji, novel, spec, 0, realdata_twemoji) for p in realdata.part_names(spec)}
+    assert len(plans["scan-2000"]) == 2000
+    scan = plans["scan-10000"]
     assert len(scan) >= 8000
     sizes = collections.Counter(r["group"] for r in scan if r["kind"] == "boilerplate")
     assert len(sizes) == 20 and all(10 <= n <= 40 for n in sizes.values())
-    assert sum(r["kind"] == "banana" for r in scan) == spec.banana_pairs >= 5
+    assert sum(r["kind"] == "banana" for r in scan) == spec.bananas_per_10k >= 5
     assert sum(r["kind"] == "banana" for r in plans["train"]) == spec.train_banana_pairs
     assert not novel & {r["emoji"].identity for r in plans["train"]}
     assert len(plans["test"]) == len(identities)
 
 
 def test_rebuild_is_deterministic_and_only_fills_gaps(small, tmp_path):
-    spec = realdata.DataSpec(train=20, mapper=40, scan=30, identities=30, scan_groups=5, group_size=(3, 5),
-                             banana_pairs=3, train_banana_pairs=2)
+    spec = realdata.DataSpec(train=20, mapper=40, scan_sizes=(30,), identities=30, groups_per_10k=500,
+                             group_size=(3, 5), bananas_per_10k=600, train_banana_pairs=2)
     first, second = tmp_path / "a", tmp_path / "b"
     for cache in (first, second):
         cache.mkdir()
@@ -170,7 +175,7 @@ def test_rebuild_is_deterministic_and_only_fills_gaps(small, tmp_path):
 def test_fetch_without_npm_says_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(RuntimeError, match="npm not found"):
-        realdata.fetch_emoji(tmp_path)
+        realdata_twemoji.fetch(tmp_path)
     assert not (tmp_path / "emoji").exists()
 
 
@@ -178,9 +183,49 @@ def test_render_is_a_web_like_jpeg(small):
     from PIL import Image
     import io
 
-    emoji = realdata.load_emoji(small["cache"] / "emoji")
+    emoji = realdata_twemoji.load(small["cache"] / "emoji")
     banana = next(e for e in emoji if e.name == "banana")
     shots = [Image.open(io.BytesIO(realdata.render(banana, (0, k)))) for k in range(6)]
     assert all(s.format == "JPEG" and 96 <= s.size[0] <= 160 and s.size[0] == s.size[1] for s in shots)
     pixels = [np.asarray(s.convert("RGB").resize((32, 32)), dtype=np.float32) for s in shots]
     assert min(np.abs(p - q).mean() for i, p in enumerate(pixels) for q in pixels[i + 1:]) > 5
+
+
+def test_openclipart_names_drop_authors_and_running_numbers():
+    clean = realdata_openclipart.clean_name
+    assert clean("banana_mateya_01") == "banana"
+    assert clean("lime_slice_ganson") == "lime slice"
+    assert clean("medicina_dottore_archite_01") == "medicina dottore"
+    assert clean("handheld_gps_gerald_g._01") == "handheld gps"
+    assert clean("jigsaw_blue_14") == "jigsaw blue"
+    assert clean("star_58pt13step") == "star 58pt13step"
+
+
+def test_openclipart_without_the_package_or_apt_says_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setattr(realdata_openclipart, "INSTALLED", tmp_path / "none")
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(RuntimeError, match="openclipart-png"):
+        realdata_openclipart.fetch(tmp_path)
+    assert not (tmp_path / "openclipart").exists()
+
+
+def test_openclipart_plan_keeps_its_promises():
+    """The Openclipart domain as `make realdata` builds it: thousands of identities, banana targets, the 2,000-pair
+    scan part with 4 boilerplate groups of 10-40 and 6 banana pairs, captions that name the item."""
+    folder = realdata.CACHE_ROOT / "openclipart" / realdata_openclipart.SOURCE_DIR
+    if not (folder / "index.json").is_file():
+        pytest.skip("the openclipart domain is not built: run make realdata")
+    items = realdata_openclipart.load(folder)
+    assert len(items) > 4000 and sum(e.target for e in items) >= 2
+    identities, novel = realdata._choose_identities(items, realdata.FULL, seed=0)
+    scan = realdata._plan_part("scan-2000", items, novel, realdata.FULL, 0, realdata_openclipart)
+    assert len(scan) == 2000
+    sizes = collections.Counter(r["group"] for r in scan if r["kind"] == "boilerplate")
+    assert len(sizes) == 4 and all(10 <= n <= 40 for n in sizes.values())
+    bananas = [r for r in scan if r["kind"] == "banana"]
+    assert len(bananas) == 6 and all(r["item"].target for r in bananas)
+    plain = [r for r in scan if r["kind"] == "plain"]
+    named = sum(r["item"].name.split()[0] in r["caption"].lower() for r in plain)
+    assert named >= 0.85 * len(plain)
+    assert not novel & {r["item"].identity for r in realdata._plan_part("train", items, novel, realdata.FULL, 0,
+                                                                        realdata_openclipart)}
