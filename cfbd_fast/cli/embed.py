@@ -48,7 +48,7 @@ def embed(
 ) -> None:
     """Embed images and captions with open_clip into a store (resumable; unusable images go to its skip list)."""
     from ..embed import embed as run_embed
-    from ..embed.models import LOCAL_DIR, TINY_MODEL, is_random, model_identity
+    from ..embed.models import HF_HUB, LOCAL_DIR, TINY_MODEL, is_random, model_identity
     from ..distributed.comm import ranks_launched
 
     model_identity(model, pretrained)  # a bad model or checkpoint fails here, before the note below
@@ -60,7 +60,7 @@ def embed(
                            batch_size=batch_size, workers=workers, device=device.value if device else None,
                            dtype=dtype.value, commit_rows=commit_rows, gpu_decode=gpu_decode, overwrite=overwrite,
                            append=append, progress=not quiet)
-    if is_random(pretrained) and not model.startswith(LOCAL_DIR) and model != TINY_MODEL:
+    if is_random(pretrained) and not model.startswith((LOCAL_DIR, HF_HUB)) and model != TINY_MODEL:
         typer.echo(f"Note: no --pretrained weights: {model} embeds with seeded random weights (for tests and "
                    "benchmarks; pass e.g. --pretrained openai for real embeddings).", err=True)
     summary = run_embed(data, out, model, pretrained, image_column=image_column, caption_column=caption_column,

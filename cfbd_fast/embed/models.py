@@ -26,6 +26,9 @@ TINY_MODEL_CONFIG = {
 RANDOM_WEIGHTS = "none"  # --pretrained value (and store record) for seeded random weights
 RANDOM_SEED = 0
 LOCAL_DIR = "local-dir:"
+HF_HUB = "hf-hub:"
+# what open_clip looks for in a hub repository: the config, then safetensors weights before pickled ones
+HF_CONFIG, HF_WEIGHTS = "open_clip_config.json", ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".npz", ".npy")
 
 
@@ -81,6 +84,8 @@ def model_identity(name: str, pretrained: str | None) -> dict:
             raise InputError(f"{config_path}: not an open_clip config with model_cfg.embed_dim ({exc})") from None
         return {"name": name, "pretrained": None, "architecture": _bytes_digest(config_path.read_bytes()),
                 "weights": _local_dir_weights(folder), "dim": dim}
+    if name.startswith(HF_HUB):
+        return _hf_hub_identity(name, pretrained)
     config = open_clip.get_model_config(name)
     if config is None:
         raise InputError(f"unknown model {name!r}: use an open_clip name (e.g. ViT-B-32; open_clip.list_models() "
@@ -123,7 +128,7 @@ def load_model(name: str, pretrained: str | None = None, device: str = "cpu") ->
     import torch
 
     identity = model_identity(name, pretrained)
-    random_weights = name.startswith(LOCAL_DIR) or is_random(pretrained)
+    random_weights = name.startswith((LOCAL_DIR, HF_HUB)) or is_random(pretrained)
     try:
         with _quiet_open_clip(), torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_SEED)
@@ -145,6 +150,36 @@ def load_model(name: str, pretrained: str | None = None, device: str = "cpu") ->
     preprocess_cfg = dict(getattr(model.visual, "preprocess_cfg", {}) or {})
     return LoadedModel(model=model, preprocess=preprocess, tokenizer=tokenizer, preprocess_cfg=preprocess_cfg,
                        identity=identity, device=device)
+
+
+def _hf_hub_identity(name: str, pretrained: str | None) -> dict:
+    """Config and weights of an `hf-hub:ORG/NAME` model, fetched (or found in the Hugging Face cache, as with
+    HF_HUB_OFFLINE=1) before open_clip loads it: open_clip itself would fall back to random weights silently."""
+    from huggingface_hub import hf_hub_download
+
+    repo = name[len(HF_HUB):]
+    if not is_random(pretrained):
+        raise InputError(f"--pretrained {pretrained} cannot be used with {name}: the hub repository holds the weights")
+
+    def fetch(filename: str) -> Path | None:
+        try:
+            return Path(hf_hub_download(repo_id=repo, filename=filename))
+        except Exception:  # not found, offline and not cached, or a network error: huggingface_hub has many types
+            return None
+
+    config_path = fetch(HF_CONFIG)
+    weights = next((p for p in map(fetch, HF_WEIGHTS) if p is not None), None) if config_path else None
+    if config_path is None or weights is None:
+        what = HF_CONFIG if config_path is None else f"{' or '.join(HF_WEIGHTS)}"
+        raise InputError(f"{name}: cannot fetch {what} (no network, or not in the Hugging Face cache with "
+                         "HF_HUB_OFFLINE=1?): run once with network access, or point HF_HOME at a cache that holds "
+                         "the repository")
+    try:
+        dim = int(json.loads(config_path.read_text())["model_cfg"]["embed_dim"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"{config_path}: not an open_clip config with model_cfg.embed_dim ({exc})") from None
+    return {"name": name, "pretrained": None, "architecture": _bytes_digest(config_path.read_bytes()),
+            "weights": _file_digest(weights), "dim": dim}
 
 
 def _local_dir_weights(folder: Path) -> str:
