@@ -27,7 +27,8 @@ from ..locking import writer_lock
 from ..store import COMMIT_RECORD, EmbeddingStore, dtype_name, store_entries
 from ..threads import available_cores, default_threads
 from .decode import CpuPreprocess, DecodeError, GpuPreprocess, is_whole_jpeg, read_image_file
-from .models import LoadedModel, describe, load_model, model_identity, same_model
+from .models import LOCAL_DIR, LoadedModel, describe, is_random, load_model, model_identity, same_model
+from .network import offline_when_unreachable
 from .sources import Sample, Source, open_source
 
 COMMIT_ROWS = 4096
@@ -136,6 +137,13 @@ def _unbatched(item: Any) -> Any:
     return item
 
 
+def downloads(model: str, pretrained: str | None) -> bool:
+    """Whether loading the model may download: a pretrained tag (not a local file), or a hub model."""
+    if model.startswith("hf-hub:"):
+        return True
+    return not is_random(pretrained) and not model.startswith(LOCAL_DIR) and not Path(pretrained).is_file()
+
+
 def default_workers() -> int:
     """Loader workers: every available core but one for the main process (none on a single core), at most 16."""
     return max(0, min(available_cores() - 1, 16))
@@ -168,7 +176,8 @@ def embed(data: str | os.PathLike, out: str | os.PathLike, model: str, pretraine
         raise InputError(f"--workers must be 0 or more, got {workers}")
 
     source = open_source(data, image_column=image_column, caption_column=caption_column)
-    identity = model_identity(model, pretrained)
+    with offline_when_unreachable(downloads(model, pretrained)):
+        identity = model_identity(model, pretrained)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise InputError(f"{out} is a file; --out names a store directory (e.g. data.cfbd)")
@@ -197,7 +206,8 @@ def _embed_locked(source: Source, out: Path, identity: dict, model: str, pretrai
         # ViT-B-32), so a resumed run under another load still writes the same store.
         torch.set_num_threads(max(1, default_threads() - workers))
     try:
-        loaded = load_model(model, pretrained, device=device)
+        with offline_when_unreachable(downloads(model, pretrained)):
+            loaded = load_model(model, pretrained, device=device)
         load_seconds = time.perf_counter() - started
         gpu = device.startswith("cuda") and (gpu_decode is not False) and GpuPreprocess.supports(loaded.preprocess_cfg)
         if gpu_decode and not gpu:
