@@ -1,6 +1,7 @@
 """The scan under torch.distributed (real torchrun processes, gloo on CPU) gives the single process's answer, on
-one store and on shard stores; a killed or stalled rank fails the run with nothing published; the distributed
-order statistics and Benjamini-Hochberg cut equal numpy's and the single-process ones on adversarial data.
+one store and on shard stores, with a mapper file, kNN and self-fitted mappers; a killed or stalled rank fails
+the run with nothing published; the distributed order statistics and Benjamini-Hochberg cut equal numpy's and the
+single-process ones on adversarial data.
 
 Each torchrun launch runs several commands (tests/cli_commands.py), and the failing runs start together, so that
 the file pays for few process starts."""
@@ -17,8 +18,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from cfbd_fast.demo import train_demo_mapper, write_demo_stores
-from cfbd_fast.detect import threshold as single
-from cfbd_fast.distributed import select, threshold as dthr
+from cfbd_fast.detect import threshold
+from cfbd_fast.distributed import select
 from cfbd_fast.distributed.comm import Comm
 from cfbd_fast.mapper import save_mapper
 from cfbd_fast.store import EmbeddingStore
@@ -65,7 +66,7 @@ def _assert_same_outputs(one, many):
             x, y = a.column(col).to_pylist(), b.column(col).to_pylist()
             if col in ("row_id", "key", "caption", "subset", "verdict", "cluster"):
                 assert x == y, f"{name}: {col}"
-            else:  # scores to 1e-6 (p-values differ in the last bit at most: scipy's ndtr)
+            else:  # scores to 1e-6
                 np.testing.assert_allclose(np.array(x, dtype=float), np.array(y, dtype=float), rtol=0, atol=1e-6,
                                            equal_nan=True, err_msg=f"{name}: {col}")
     for name in ("poisoned.txt", "keep.txt", "invalid.txt"):
@@ -108,14 +109,17 @@ def runs(demo):
     _write_shards(out / "tars")
     embed = ["embed", out / "tars", "--model", TINY_MODEL, "--workers", "0", "--quiet"]
 
-    def scan(method, dest, *data):
+    def scan(method, dest, *data, mapper=mapper):
         return ["scan", *(data or (store,)), "--mapper", mapper, "--method", method, "--out", out / dest, "--quiet"]
 
     shards = ("--shards", out / "parts" / "*.cfbd")
     launches = {
-        1: [scan("cfbd", "one-cfbd"), scan("cfbd-paper", "one-cfbd-paper"), [*embed, "--out", out / "one.cfbd"]],
+        1: [scan("cfbd", "one-cfbd"), scan("cfbd-paper", "one-cfbd-paper"), [*embed, "--out", out / "one.cfbd"],
+            scan("cfbd", "one-knn", mapper="knn"), scan("cfbd", "one-self", mapper="self"),
+            scan("cfbd", "one-shards-self", *shards, mapper="self")],
         2: [[*embed, "--out", out / "tar-parts", "--json"], scan("cfbd", "ranks2-cfbd"),
-            scan("cfbd", "shards2", *shards)],
+            scan("cfbd", "shards2", *shards), scan("cfbd", "ranks2-knn", mapper="knn"),
+            scan("cfbd", "shards2-self", *shards, mapper="self")],
         3: [scan("cfbd", "ranks3-cfbd"), scan("cfbd-paper", "ranks3-cfbd-paper"), scan("cfbd", "shards3", *shards)],
     }
     results = {}
@@ -138,6 +142,17 @@ def test_ranks_on_one_store_match_one_process(runs, method, ranks):
     if method == "cfbd":
         assert one["cluster"]["found"]
     assert not any(p.name.startswith(".cfbd-scan") for p in dest.iterdir())  # the temporary folder is gone
+    assert (dest / "scores.parquet").is_dir() and (dest / "keep.parquet").is_dir()  # parts, one per rank
+
+
+@pytest.mark.parametrize("mapper,one,many", [("knn", "one-knn", "ranks2-knn"), ("self", "one-self", "shards2-self"),
+                                             ("self", "one-self", "one-shards-self")])
+def test_mappers_fitted_on_a_sample_under_every_route(runs, mapper, one, many):
+    """--mapper knn and self are fitted on a sample of all rows gathered by the global steps: ranks and shards
+    give the one-process answer."""
+    out, _ = runs
+    a, b = _assert_same_outputs(out / one, out / many)
+    assert a["mapper"] == b["mapper"] and a["mapper"].startswith(f"{mapper}:")
 
 
 @pytest.mark.parametrize("ranks", [2, 3])
@@ -217,7 +232,7 @@ def test_killed_rank_while_publishing(failed_runs):
     assert (code0, code1) == (1, 17)
     assert "another rank died or timed out" in err0
     dest = out / "killed-publish"
-    assert not any(dest.iterdir()) if dest.exists() else True
+    assert not [p.name for p in dest.iterdir() if p.name != ".lock"] if dest.exists() else True
 
 
 def test_stalled_rank_times_the_run_out(failed_runs):
@@ -239,14 +254,6 @@ def _invoke(*args, monkeypatch):
     for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
     return CliRunner().invoke(app, list(map(str, args)))
-
-
-def test_methods_fitted_on_a_sample_are_refused(demo, monkeypatch):
-    out, store, mapper = demo
-    result = _invoke("scan", "--shards", out / "parts" / "*.cfbd", "--mapper", "self", "--out", out / "refused",
-                     monkeypatch=monkeypatch)
-    assert result.exit_code == 1
-    assert "not supported by the distributed scan" in result.output
 
 
 def test_distributed_without_a_launcher_says_how_to_start(demo, monkeypatch):
@@ -357,22 +364,22 @@ def test_distributed_fdr_and_null_equal_the_single_process():
         valid = np.isfinite(score) | (rng.random(len(score)) < 0.5)
         world = int(rng.integers(1, 4))
         cuts = np.sort(rng.integers(0, len(score) + 1, size=world - 1))
-        p_want, null_want = single.null_pvalues(score, valid)
-        reject_want, cut_want = single.benjamini_hochberg(p_want, 0.05)
+        p_want, null_want = threshold.null_pvalues(score, valid)
+        reject_want, cut_want = threshold.benjamini_hochberg(p_want, 0.05)
 
         def run(comm, bounds):
             lo, hi = bounds
-            p, null = dthr.null_pvalues(comm, score[lo:hi], valid[lo:hi])
-            reject, cut = dthr.benjamini_hochberg(comm, p, 0.05)
+            p, null = threshold.null_pvalues(score[lo:hi], valid[lo:hi], comm=comm)
+            reject, cut = threshold.benjamini_hochberg(p, 0.05, comm=comm)
             return p, null, reject, cut
 
         bounds = list(zip(np.concatenate([[0], cuts]), np.concatenate([cuts, [len(score)]])))
         results = _on_ranks(world, bounds, run)
         p = np.concatenate([r[0] for r in results])
         assert all(r[1] == null_want for r in results)  # the null's location and scale: exactly
-        # scipy's vectorised ndtr may round the last bit by an element's place in its array
+        # a vectorised erfc may round the last bit by an element's place in its array
         np.testing.assert_allclose(p, p_want, rtol=0, atol=1e-15)
-        reject, cut = single.benjamini_hochberg(p, 0.05)  # the cut over all ranks is the one-array cut
+        reject, cut = threshold.benjamini_hochberg(p, 0.05)  # the cut over all ranks is the one-array cut
         assert np.array_equal(np.concatenate([r[2] for r in results]), reject)
         assert all(r[3] == cut for r in results)
         assert np.array_equal(reject, reject_want)

@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -206,3 +207,55 @@ def test_mappers_fitted_on_the_scanned_store(small, mapper):
     assert s["mapper"].startswith(f"{mapper}:")
     assert s["cluster"]["found"], s["cluster"]
     assert s["metrics"]["tpr"] >= 0.9 and s["metrics"]["fpr"] <= 0.002, s["metrics"]
+
+
+# -- the output folder -----------------------------------------------------------------------------------------
+def _scan_process(store_path, mapper, out, *extra, env=None):
+    return subprocess.Popen([sys.executable, "-m", "cfbd_fast.cli.main", "scan", str(store_path), "--mapper",
+                             str(mapper), "--out", str(out), "--quiet", *extra], text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1",
+                                                         "NUMBA_NUM_THREADS": "1", **(env or {})})
+
+
+def test_a_second_scan_of_the_same_out_refuses_while_the_first_holds_it(small, tmp_path):
+    """A scan holds --out's writer lock for the whole scan: a second one (even with --force) refuses at once with
+    one line naming the holder's pid; once the holder is killed (kill -9), the OS has released the lock, nothing
+    was published, and the next scan runs."""
+    store_path, mapper = small
+    out = tmp_path / "o"
+    holder = _scan_process(store_path, mapper, out, env={"CFBD_FAST_TEST_STALL": "publish:0"})  # stops holding it
+    try:
+        for _ in range(3000):
+            if (out / ".lock").is_file() and (out / ".lock").read_text().strip() or holder.poll() is not None:
+                break
+            time.sleep(0.05)
+        assert holder.poll() is None, holder.stderr.read()
+        second = runner.invoke(app, ["scan", str(store_path), "--mapper", str(mapper), "--out", str(out), "--force",
+                                     "--quiet"])
+        assert second.exit_code == 1
+        assert f"being written by process {holder.pid}" in second.stderr and second.stderr.count("\n") == 1
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not (out / "summary.json").exists()
+    third = runner.invoke(app, ["scan", str(store_path), "--mapper", str(mapper), "--out", str(out), "--quiet"])
+    assert third.exit_code == 0, third.output
+    assert (out / "summary.json").is_file() and not [p for p in out.iterdir() if p.name.startswith(".cfbd")]
+
+
+def test_force_replaces_the_whole_scan(small, tmp_path):
+    """--force replaces every file of the earlier scan: its report.html does not survive a scan without --report;
+    files that are not a scan's stay."""
+    store_path, mapper = small
+    out = tmp_path / "o"
+    args = ["scan", str(store_path), "--mapper", str(mapper), "--out", str(out), "--quiet"]
+    assert runner.invoke(app, [*args, "--report"]).exit_code == 0
+    (out / "notes.md").write_text("mine")
+    assert (out / "report.html").is_file()
+    refused = runner.invoke(app, [*args, "--method", "cosine"])
+    assert refused.exit_code == 1 and "--force" in refused.stderr
+    result = runner.invoke(app, [*args, "--method", "cosine", "--force", "--json"])
+    assert result.exit_code == 0, result.output
+    assert not (out / "report.html").exists() and (out / "notes.md").read_text() == "mine"
+    written = json.loads((out / "summary.json").read_text())
+    assert written["config"]["method"] == "cosine" and written == json.loads(result.stdout)
