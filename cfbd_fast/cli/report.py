@@ -26,8 +26,8 @@ def report(
     from ..errors import InputError
     from ..report import build_report
 
-    if max_rows < 0:
-        raise InputError(f"--max-rows {max_rows}: give 0 or more")
+    if not 0 <= max_rows <= 1_000_000:
+        raise InputError(f"--max-rows {max_rows}: give a whole number from 0 to 1,000,000")
     path = build_report(scan_dir, out, max_rows=max_rows)
     if json_out:
         typer.echo(json.dumps({"report": str(path), "bytes": path.stat().st_size}))
@@ -43,9 +43,12 @@ def explain(
 ) -> None:
     """Why a row got its verdict: its s_o, s_g, c, subset, cluster, z, score, p-value, the cut, and the seed
     captions nearest to its caption."""
+    from ..errors import InputError
     from ..pipeline import json_default
     from ..report import explain_row
 
+    if not 0 <= neighbours <= 1000:
+        raise InputError(f"--neighbours {neighbours}: give a whole number from 0 to 1,000")
     entry = explain_row(scan_dir, key, neighbours)
     if json_out:
         typer.echo(json.dumps(entry, indent=2, default=json_default))

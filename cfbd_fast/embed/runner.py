@@ -34,6 +34,12 @@ from .sources import Sample, Source, open_source
 COMMIT_ROWS = 4096
 BATCH_SIZE = 128
 _RECORD_KEY = "embed"
+MAX_BATCH_SIZE, MAX_COMMIT_ROWS, MAX_WORKERS = 1 << 16, 1 << 24, 256
+
+
+def _check_range(option: str, value: int, low: int, high: int) -> None:
+    if not low <= value <= high:
+        raise InputError(f"{option} {value}: give a whole number from {low} to {high:,}")
 
 
 @dataclass
@@ -163,8 +169,10 @@ def embed(data: str | os.PathLike, out: str | os.PathLike, model: str, pretraine
     `overwrite=True`; another model is always refused unless `overwrite=True`.
     """
     started = time.perf_counter()
-    if batch_size < 1 or commit_rows < 1:
-        raise InputError(f"--batch-size and --commit-rows must be at least 1, got {batch_size} and {commit_rows}")
+    _check_range("--batch-size", batch_size, 1, MAX_BATCH_SIZE)
+    _check_range("--commit-rows", commit_rows, 1, MAX_COMMIT_ROWS)
+    if workers is not None:
+        _check_range("--workers", workers, 0, MAX_WORKERS)
     if overwrite and append:
         raise InputError("--overwrite and --append exclude each other: choose one")
     dtype = dtype_name(dtype)
@@ -172,8 +180,6 @@ def embed(data: str | os.PathLike, out: str | os.PathLike, model: str, pretraine
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError("--device cuda: no CUDA device is available; use --device cpu")
     workers = default_workers() if workers is None else workers
-    if workers < 0:
-        raise InputError(f"--workers must be 0 or more, got {workers}")
 
     source = open_source(data, image_column=image_column, caption_column=caption_column)
     with offline_when_unreachable(downloads(model, pretrained)):
