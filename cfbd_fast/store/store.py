@@ -350,6 +350,8 @@ class EmbeddingStore:
             _core.replace_file_atomic(str(self._path / COMMIT_RECORD), encode_commit_record(body))
         except BaseException:
             # On disk the store is at its last commit (or this one); reopening with mode="a" resumes cleanly.
+            # A half-written commit record (disk full) goes now, not at the next open.
+            (self._path / (COMMIT_RECORD + ".tmp")).unlink(missing_ok=True)
             self.close()
             raise
         self._body = body
