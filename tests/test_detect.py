@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from cfbd_fast.detect import baselines, clusters, coarse, fine, metrics, seeds, threshold
+from cfbd_fast.detect import baselines, cfbd as clusters, coarse, fine, metrics, seeds, threshold
 from cfbd_fast.pipeline.paper import CLASSIC_ESTIMATORS
 
 

@@ -187,7 +187,7 @@ def format_summary(summary: dict) -> str:
                      f"vs cos(I, T) {fit['median_cos_image_caption']:.3f}")
     for c in summary.get("clusters", []):
         lines.append(f"cluster {c['cluster']}       {'BACKDOOR' if c['backdoor'] else 'not a backdoor'}: "
-                     f"{c['size']} seed-pool rows, {c['significant_rows']} significant, caption {c['caption']!r}; "
+                     f"{c['size']} seed-pool rows, {c['members']} members, caption {c['caption']!r}; "
                      f"{c['reason']}")
     cluster = summary.get("cluster")
     if cluster is not None and not cluster["found"]:

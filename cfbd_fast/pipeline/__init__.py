@@ -166,7 +166,7 @@ def run_stages(steps: GlobalSteps, mapper, cfg: ScanConfig, *, labels, progress:
         found = clusters.cluster_stage(s, reference, cfg, steps, timer)
         steps.checkpoint("correlation")
         z = passes.cluster_correlation_pass(s, found, cfg, source, timer, progress)
-        threshold = clusters.clusters_verdict(s, found, z, cfg, steps, timer)
+        threshold = clusters.clusters_verdict(s, found, z, reference, cfg, steps, timer)
     elif cfg.spec.needs_mapper:  # cfbd-paper, coarse: one seed set
         split = paper.coarse_stage(s, cfg, steps, timer)
         corr_captions = paper.seed_stage(s, cfg, steps, timer)

@@ -1,13 +1,14 @@
-"""The cfbd method's middle: every caption cluster of the seed pool, its statistics and verdict, and the rows
-significant for a backdoor cluster under an error-controlled cut. Every global step goes through `GlobalSteps`
-(one process or ranks: global_steps.py)."""
+"""The cfbd method's middle, over all rows: the seed pool's caption clusters and their statistics, the set-level
+backdoor test and the rows flagged under an error-controlled cut. The rules are detect/cfbd.py's; this module
+gathers what they need through `GlobalSteps` (one process or ranks: global_steps.py)."""
 from __future__ import annotations
 
 import time
 
 import numpy as np
 
-from ..detect import clusters as clusters_mod, fine, seeds
+from ..detect import cfbd, fine, seeds
+from ..distributed import select
 from .global_steps import GlobalSteps
 from .mapping import NULL_SAMPLE, Reference
 from .options import BENIGN, SEED, V_POISONED, ScanConfig
@@ -15,7 +16,7 @@ from .passes import Scores, Timer
 
 
 def cluster_stage(s: Scores, ref: Reference, cfg: ScanConfig, steps: GlobalSteps, timer: Timer) -> list:
-    """The seed pool's caption clusters, each with its statistics; marks their seeds.
+    """The seed pool's caption clusters, each with its statistics; the ones tested, their seeds marked.
 
     Global: the seed pool (the rows with the largest c over all rows), its captions, each cluster's images and
     s_o, the median and scale of c.
@@ -26,19 +27,19 @@ def cluster_stage(s: Scores, ref: Reference, cfg: ScanConfig, steps: GlobalSteps
     order = np.argsort(ids)
     pool, pool_c = ids[order], ids_c[order]
     pool_captions = steps.fetch("text", pool)
-    found = clusters_mod.caption_clusters(pool, pool_captions, ref.caption_coherence,
-                                          min_members=min(cfg.min_cluster, q), min_relative=cfg.cluster_min_relative)
-    found = clusters_mod.split_one_caption_groups(
-        found, lambda rows: pool_captions[_positions(pool, rows)], SPLIT_SHARE, min(cfg.min_cluster, q))
+    min_members = min(cfg.min_cluster, q)
+    found = cfbd.caption_clusters(pool, pool_captions, ref.caption_coherence, min_members=min_members)
+    found = cfbd.split_one_caption_groups(found, pool, pool_captions, min_members)
     rng = np.random.default_rng(cfg.random_seed + 1)
     c_median, c_scale = c_location(s, steps)
+    described_by = cfbd.grounding_reference(ref.captions, ref.generated, rng)
     for cluster in found:
-        at = _positions(pool, cluster.rows)
+        at = np.searchsorted(pool, cluster.rows)
         captions = pool_captions[at]
-        images = steps.fetch("image", cluster.rows)
+        image_coh, image_z = cfbd.coherence_z(steps.fetch("image", cluster.rows), ref.images[:NULL_SAMPLE], rng)
         caption_coh = seeds.mean_pairwise_cosine(captions)
-        image_coh, image_z = clusters_mod.coherence_z(images, ref.images[:NULL_SAMPLE], rng)
         median_c = float(np.median(pool_c[at]))
+        described, grounding_share = cfbd.grounding(captions[0], described_by)
         cluster.stats = {
             "size": int(len(cluster.rows)),
             "caption_coherence": caption_coh,
@@ -46,26 +47,20 @@ def cluster_stage(s: Scores, ref: Reference, cfg: ScanConfig, steps: GlobalSteps
             "image_coherence": image_coh,
             "relative_image_coherence": float(fine.relative_coherence(image_coh, ref.image_coherence)),
             "image_coherence_z": image_z,
-            "grounding": clusters_mod.grounding(captions.mean(axis=0), ref.generated),
+            "grounding": described,
+            "grounding_share": grounding_share,
             "median_c": median_c,
             "c_z": (median_c - c_median) / max(c_scale, 1e-9),
             "median_s_o": float(np.median(steps.values(s.s_o, cluster.rows))),
-            "one_caption_share": clusters_mod.one_caption_share(captions),
+            "one_caption_share": cfbd.one_caption_share(captions),
         }
         cluster.seed_captions = captions[: cfg.seed_set_size]
-    # Set aside before pass 2: duplicate families (near-identical images under one caption) and, unless asked
-    # for, one-caption groups (one caption string over many unrelated images: boilerplate). Of the rest, the
-    # clusters whose pairs are the least consistent are tested: a backdoor's captions do not fit its images.
+    # Set aside before the correlation pass: duplicate families and ungrounded one-caption groups. Of the rest,
+    # the --max-clusters clusters whose pairs are the least consistent are tested (a bound on the pass's work).
     aside, rest = [], []
     for cl in found:
-        if cl.stats["relative_image_coherence"] >= cfg.cluster_min_relative:
-            aside.append((cl, "its images are near-identical too: a duplicate family, not a trigger"))
-        elif cl.stats["one_caption_share"] >= ONE_CAPTION_SHARE and not cfg.test_one_caption_groups:
-            aside.append((cl, f"{cl.stats['one_caption_share']:.0%} of it is one caption string over "
-                              "unrelated images: boilerplate, or a backdoor with a single fixed caption "
-                              "(test such groups with --test-one-caption-groups)"))
-        else:
-            rest.append(cl)
+        reason = cfbd.set_aside_reason(cl.stats, cfg.test_one_caption_groups)
+        (aside.append((cl, reason)) if reason else rest.append(cl))
     rest.sort(key=lambda cl: (-cl.stats["median_c"], int(cl.rows[0])))
     aside += [(cl, f"not tested: more consistent than the {cfg.max_clusters} clusters tested (--max-clusters)")
               for cl in rest[cfg.max_clusters:]]
@@ -81,12 +76,6 @@ def cluster_stage(s: Scores, ref: Reference, cfg: ScanConfig, steps: GlobalSteps
     return tested
 
 
-def _positions(rows: np.ndarray, subset_rows: np.ndarray) -> np.ndarray:
-    """Positions in `rows` of each of `subset_rows` (all present)."""
-    order = np.argsort(rows, kind="stable")
-    return order[np.searchsorted(rows, subset_rows, sorter=order)]
-
-
 def c_location(s: Scores, steps: GlobalSteps) -> tuple[float, float]:
     """The median of c over every valid row and its scale (1.4826 MAD), as np.median gives them (global)."""
     c_valid = s.c[s.valid]
@@ -94,42 +83,7 @@ def c_location(s: Scores, steps: GlobalSteps) -> tuple[float, float]:
     return float(median), float(steps.median(np.abs(c_valid - median))) * 1.4826
 
 
-ONE_CAPTION_SHARE = 0.5  # at least half of a cluster is one caption string: a one-caption group
-SPLIT_SHARE = 0.25  # a caption string that makes up a quarter of a cluster is split off as its own group
-INCONSISTENCY_Z = 3.09  # one-sided 0.001: the cluster's pairs fit their images worse than the bulk's do
-
-
-def is_backdoor(stats: dict, cfg: ScanConfig) -> tuple[bool, str, dict]:
-    """A cluster's verdict from its measured statistics, the reason, and its margin from each boundary.
-
-    A backdoor cluster has enough rows significant for it and its pairs are inconsistent with their images under
-    the mapper (their c lies above the bulk's; a genuine group sharing a caption that describes its images is
-    consistent). Duplicate families and one-caption groups were set aside before (`cluster_stage`).
-    """
-    margins = {"significant_rows": stats["significant_rows"] - cfg.min_cluster,
-               "inconsistency_z": stats["inconsistency_z"] - INCONSISTENCY_Z,
-               "relative_image_coherence": cfg.cluster_min_relative - stats["relative_image_coherence"]}
-    if margins["significant_rows"] < 0:
-        return False, f"only {stats['significant_rows']} rows are significant for it (need {cfg.min_cluster})", margins
-    if not margins["inconsistency_z"] >= 0:
-        return False, (f"its pairs are consistent with their images (c {stats['inconsistency_z']:.1f} standard "
-                       f"errors above the bulk, need {INCONSISTENCY_Z}): a genuine group sharing a caption"), margins
-    return True, (f"{stats['significant_rows']} rows share its caption over unrelated images that it does not "
-                  "describe"), margins
-
-
-def inconsistency_z(c: np.ndarray, mine: np.ndarray, location: tuple[float, float], steps: GlobalSteps) -> float:
-    """How far the median c of the rows under `mine` lies above the median of all (`location`: `c_location`),
-    in standard errors of a median (global)."""
-    n = steps.count(mine)
-    if n == 0:
-        return float("nan")
-    median, scale = location
-    sigma = max(scale, 1e-9)
-    return (float(steps.median(c[mine])) - median) / (1.2533 * sigma / np.sqrt(n))
-
-
-def _significant(scores: np.ndarray, valid: np.ndarray, tested: np.ndarray, cfg: ScanConfig, method: str,
+def _significant(scores: np.ndarray, valid: np.ndarray, tested: np.ndarray, cfg: ScanConfig,
                  steps: GlobalSteps) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
     """Which rows are significant for which of the score columns: (reject, best column, p-value, cut info).
 
@@ -140,6 +94,7 @@ def _significant(scores: np.ndarray, valid: np.ndarray, tested: np.ndarray, cfg:
     """
     n, k = scores.shape
     rows = np.arange(n)
+    method = cfg.threshold_method
     if method in ("fdr", "fwer") and cfg.threshold is None:
         pvals, nulls = zip(*(steps.null_pvalues(scores[:, j], valid) for j in range(k)))
         pvals = np.stack(pvals, axis=1)
@@ -159,14 +114,21 @@ def _significant(scores: np.ndarray, valid: np.ndarray, tested: np.ndarray, cfg:
     return reject, best, np.full(n, np.nan), {"estimates": estimates}
 
 
-def clusters_verdict(s: Scores, found: list, z: np.ndarray, cfg: ScanConfig, steps: GlobalSteps,
-                     timer: Timer) -> dict:
-    """Each cluster's verdict from its statistics, then the rows: those significant for a backdoor cluster.
+def _inconsistency(s: Scores, z: np.ndarray, link: float, steps: GlobalSteps) -> tuple[np.ndarray, np.ndarray, float]:
+    """Each cluster's members (valid rows whose caption reaches `link` against its seeds) and how many of them
+    are inconsistent (c in the top `cfbd.INCONSISTENT_TAIL` of all valid rows). Global: the quantile, the counts."""
+    cut = float(select.quantile(steps.comm, s.c[s.valid], 1.0 - cfbd.INCONSISTENT_TAIL))
+    inconsistent = s.valid & (s.c > cut)
+    members = np.array([steps.count(s.valid & (z[:, k] >= link)) for k in range(z.shape[1])], dtype=np.int64)
+    bad = np.array([steps.count(inconsistent & (z[:, k] >= link)) for k in range(z.shape[1])], dtype=np.int64)
+    return members, bad, cut
 
-    Step 1 tests every row against every cluster (Bonferroni over the clusters) to count each cluster's
-    significant rows and measure them. Step 2 tests the rows again against the backdoor clusters alone, so that
-    the clusters set aside do not dilute the error control of the verdict. Returns the threshold summary.
-    Global: the nulls and cuts (`_significant`), each cluster's count of significant rows and their median c.
+
+def clusters_verdict(s: Scores, found: list, z: np.ndarray, ref: Reference, cfg: ScanConfig, steps: GlobalSteps,
+                     timer: Timer) -> dict:
+    """Each tested cluster's verdict by the set-level test (detect/cfbd.py, family-wise at --alpha over the
+    clusters), then the rows: those significant for a backdoor cluster under --fdr (or --alpha). Returns the
+    threshold summary. Global: the counts of the test, the nulls and cuts (`_significant`).
     """
     t0 = time.perf_counter()
     n_clusters = len(found)
@@ -181,39 +143,29 @@ def clusters_verdict(s: Scores, found: list, z: np.ndarray, cfg: ScanConfig, ste
     valid = s.valid
     scores = np.stack([fine.fine_score(z[:, k], s.s_o, cfg.score) for k in range(n_clusters)], axis=1)
     scores[~valid] = np.nan
-    # Clusters are found under family-wise error control (a backdoor is claimed only when rows are significant
-    # after Bonferroni over every row and cluster); the rows of a backdoor cluster then under --fdr or --alpha.
-    discovery = "fwer" if cfg.threshold_method in ("fdr", "fwer") else cfg.threshold_method
     # The fine stage tests the rows the coarse stage did not call benign (the paper's suspicious subset and
     # the seeds): a pair whose image and caption agree is not a poison, and fewer tests mean a looser cut.
     tested = valid & (s.subset != BENIGN)
-    reject, best, p, cut = _significant(scores, valid, tested, cfg, discovery, steps)
-    cut["null_clusters"] = list(range(n_clusters))  # the cluster each of cut's nulls (or estimates) belongs to
-    report = []
-    backdoor = np.zeros(n_clusters, dtype=bool)
-    location = c_location(s, steps)
+    link = cfbd.link_cosine(ref.caption_coherence)
+    members, bad, c_cut = _inconsistency(s, z, link, steps)
+    tests = cfbd.inconsistency_test(members, bad, cfg.alpha)
+    backdoor = np.array([t["backdoor"] for t in tests], dtype=bool)
     first_captions = steps.captions([cl.rows[0] for cl in found])
-    for k, cluster in enumerate(found):
-        mine = reject & (best == k)
-        stats = {**cluster.stats, "significant_rows": steps.count(mine),
-                 "inconsistency_z": inconsistency_z(s.c, mine, location, steps)}
-        backdoor[k], reason, margins = is_backdoor(stats, cfg)
-        stats["margins"] = margins
-        if backdoor[k] and min(margins["significant_rows"] / max(cfg.min_cluster, 1),
-                               margins["inconsistency_z"] / INCONSISTENCY_Z,
-                               margins["relative_image_coherence"] / cfg.cluster_min_relative) < 0.2:
-            s.warnings.append(f"cluster {k} is judged a backdoor by a narrow margin ({margins}): check its rows in "
-                              "flagged.csv")
+    report = []
+    for k, (cluster, test) in enumerate(zip(found, tests)):
+        if test["backdoor"] and test["p_value"] > test["level"] / 10:
+            s.warnings.append(f"cluster {k} ({first_captions[k]!r}) is judged a backdoor by a narrow margin (p "
+                              f"{test['p_value']:.2g} at level {test['level']:.2g}): check its rows in flagged.csv")
         report.append({"cluster": k, "caption": first_captions[k],
-                       "seed_rows": cluster.seed_rows(cfg.seed_set_size).tolist(),
-                       **stats, "backdoor": bool(backdoor[k]), "reason": reason})
+                       "seed_rows": cluster.seed_rows(cfg.seed_set_size).tolist(), **cluster.stats, **test,
+                       "reason": cfbd.verdict_reason(test)})
     accepted = np.flatnonzero(backdoor)
+    columns = accepted if len(accepted) else np.arange(n_clusters)  # every cluster: p-values for the report
+    reject, best, p, cut = _significant(scores[:, columns], valid, tested, cfg, steps)
+    cut["null_clusters"] = columns.tolist()  # the cluster each of cut's nulls (or estimates) belongs to
+    best = columns[best]
     if len(accepted):
         s.seed_rows = np.concatenate([found[k].seed_rows(cfg.seed_set_size) for k in accepted])
-        reject, best_accepted, p, cut = _significant(scores[:, accepted], valid, tested, cfg,
-                                                    cfg.threshold_method, steps)
-        cut["null_clusters"] = accepted.tolist()
-        best = accepted[best_accepted]
         s.verdict[reject] = V_POISONED
     s.p_value = p
     s.cluster[valid] = best[valid].astype(np.int16)
@@ -222,7 +174,8 @@ def clusters_verdict(s: Scores, found: list, z: np.ndarray, cfg: ScanConfig, ste
     s.score = scores[rows, best].astype(np.float32)
     s.summary["clusters"] = report
     s.summary["cluster"] = {"found": bool(len(accepted)), "clusters_examined": n_clusters,
-                            "backdoor_clusters": accepted.tolist(),
+                            "backdoor_clusters": accepted.tolist(), "member_link": link,
+                            "inconsistent_c": c_cut,
                             "reason": "; ".join(f"cluster {r['cluster']}: {r['reason']}" for r in report)}
     timer.add("verdict", time.perf_counter() - t0)
     return {**info, **cut}

@@ -97,7 +97,6 @@ class ScanConfig:
     alpha: float = 0.05
     fpr: float = 0.001
     min_cluster: int = 10
-    cluster_min_relative: float = 0.5
     max_clusters: int = 8
     test_one_caption_groups: bool = False  # also test clusters that are mostly one caption string
     chunk_rows: int = 16384  # rows streamed at a time: the working set, with the mapper's activations
@@ -165,7 +164,6 @@ class ScanConfig:
         _open_unit("fdr", out.fdr)
         _open_unit("alpha", out.alpha)
         _at_least("max_clusters", out.max_clusters, 1)
-        _open_unit("cluster_min_relative", out.cluster_min_relative)
         if out.threshold is not None and not math.isfinite(out.threshold):
             raise InputError(f"{option_name('threshold')} must be a finite number, got {out.threshold}")
         return out

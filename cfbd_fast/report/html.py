@@ -34,11 +34,14 @@ img.thumb.poison{border:2px solid #c44e52}img.thumb.small{width:64px;height:64px
 .small{font-size:12px;color:#555}ol.seeds{margin:0;padding-left:16px;min-width:240px}
 """
 
-CLUSTER_STATS = (("size", "seed-pool rows"), ("significant_rows", "rows significant for it"),
+CLUSTER_STATS = (("size", "seed-pool rows"), ("members", "member rows"),
+                 ("inconsistent_share", "members inconsistent with their images"),
+                 ("reference_share", "the same for the data's clusters"), ("p_value", "p-value"),
                  ("caption_coherence", "caption coherence"),
                  ("relative_caption_coherence", "relative caption coherence"),
                  ("relative_image_coherence", "relative image coherence"), ("median_c", "median c"),
-                 ("inconsistency_z", "c above the bulk (z)"), ("one_caption_share", "share of its top caption"))
+                 ("grounding_share", "real captions describing an image better"),
+                 ("one_caption_share", "share of its top caption"))
 
 
 METRICS = {"positives": "poisoned rows", "flagged": "flagged", "true_positives": "true positives",

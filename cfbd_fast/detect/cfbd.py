@@ -1,0 +1,253 @@
+"""The cfbd verdict's rules, on arrays: the seed pool's caption clusters, which of them are set aside, the set-level
+test that calls a cluster a backdoor, and its error rate.
+
+A backdoor pairs one target caption (or a few paraphrases) with many images that do not show it. Among the rows
+with the largest consistency c the target's captions form a tight caption cluster; so can a genuine group (a
+concept the mapper finds hard, a duplicate family, boilerplate). What sets the backdoor apart is measured on every
+row whose caption belongs to the cluster (its *members*, found by the correlation pass): a large share of them is
+inconsistent with its image. Genuine caption groups have that share at the level of the data's other groups.
+
+Every constant of the verdict is here, with the measurement behind it in docs/algorithm.md.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .fine import relative_coherence
+from .seeds import mean_pairwise_cosine, normalize_rows
+
+LINK = 0.5  # two captions are one caption cluster's when their cosine is halfway from random captions' to 1
+SAME_CAPTION = 0.995  # caption embeddings this close are one caption string
+SPLIT_SHARE = 0.25  # a caption string that makes up a quarter of a cluster is split off as its own group
+ONE_CAPTION_SHARE = 0.5  # a cluster at least half of which is one caption string is a one-caption group
+DUPLICATE_IMAGES = 0.5  # relative image coherence of a duplicate family (near-identical images)
+INCONSISTENT_TAIL = 0.05  # a row is inconsistent when its c is in the top 5% of all valid rows' c
+GROUNDING_DRAWS = 200  # random captions whose grounding is the reference for a one-caption group's
+GROUNDING_LEVEL = 0.5  # grounded: described some image at least as well as the median random caption does
+
+
+@dataclass
+class Cluster:
+    """One caption cluster of the seed pool: its rows (most central first) and its statistics."""
+    rows: np.ndarray  # store row ids, most central first
+    stats: dict = field(default_factory=dict)
+    seed_captions: np.ndarray | None = None  # caption embeddings of seed_rows(q), for the correlation pass
+
+    def seed_rows(self, q: int) -> np.ndarray:
+        """The cluster's fine-stage seeds: its q most central rows."""
+        return self.rows[:q]
+
+
+# -- the seed pool's caption clusters ---------------------------------------------------------------------------
+def link_cosine(null_coherence: float) -> float:
+    """The caption cosine at which two captions are linked (and a row is a cluster's member): `LINK` of the way
+    from the mean cosine of random captions to identity."""
+    return null_coherence + LINK * (1.0 - null_coherence)
+
+
+def caption_clusters(candidates: np.ndarray, captions: np.ndarray, null_coherence: float, *,
+                     min_members: int) -> list[Cluster]:
+    """Split the candidate rows into caption clusters, densest first.
+
+    Two captions are linked at `link_cosine`. The densest remaining caption (most links; ties by row id) and the
+    remaining captions linked to it form a cluster; this repeats while a cluster has `min_members`.
+    """
+    if len(candidates) == 0:
+        return []
+    t = normalize_rows(captions)
+    linked = relative_coherence(t @ t.T, null_coherence) >= LINK
+    remaining = np.ones(len(candidates), dtype=bool)
+    clusters = []
+    while remaining.sum() >= min_members:
+        degree = (linked & remaining[None, :]).sum(axis=1)
+        degree[~remaining] = -1
+        medoid = np.lexsort((candidates, -degree))[0]
+        members = np.flatnonzero(linked[medoid] & remaining)
+        if len(members) < min_members:
+            break
+        centrality = t[members] @ t[members].mean(axis=0)
+        members = members[np.lexsort((candidates[members], -centrality))]
+        clusters.append(Cluster(rows=candidates[members]))
+        remaining[members] = False
+    return clusters
+
+
+def split_one_caption_groups(clusters: list[Cluster], pool_rows: np.ndarray, pool_captions: np.ndarray,
+                             min_members: int) -> list[Cluster]:
+    """Split each cluster's dominant caption string off when it makes up `SPLIT_SHARE` of the cluster.
+
+    A boilerplate caption ("royalty free clipart") links to genuine captions that share a word ("speaker
+    clipart"); the boilerplate rows become their own cluster and the rest stays one if it has `min_members`.
+    `pool_rows` (sorted) and `pool_captions` are the seed pool's row ids and caption embeddings.
+    """
+    out = []
+    for cluster in clusters:
+        t = normalize_rows(pool_captions[np.searchsorted(pool_rows, cluster.rows)])
+        same_caption = (t @ t.T) >= SAME_CAPTION
+        counts = same_caption.sum(axis=1)
+        top = int(np.argmax(counts))
+        if counts[top] / len(t) < SPLIT_SHARE or counts[top] == len(t):
+            out.append(cluster)
+            continue
+        dominant = same_caption[top]
+        out.append(Cluster(rows=cluster.rows[dominant]))
+        if (~dominant).sum() >= min_members:
+            out.append(Cluster(rows=cluster.rows[~dominant]))
+    return out
+
+
+# -- a cluster's statistics -------------------------------------------------------------------------------------
+def coherence_z(x: np.ndarray, null_rows: np.ndarray, rng: np.random.Generator,
+                draws: int = 200) -> tuple[float, float]:
+    """Mean pairwise cosine of the rows `x`, and how many standard deviations it lies above that of random sets of
+    the same size drawn from `null_rows` (a random sample of the store)."""
+    observed = mean_pairwise_cosine(x)
+    m = len(x)
+    if m < 2 or len(null_rows) <= m:
+        return observed, float("nan")
+    t = normalize_rows(null_rows)
+    sets = [mean_pairwise_cosine(t[rng.choice(len(t), size=m, replace=False)]) for _ in range(draws)]
+    sd = float(np.std(sets))
+    return observed, (observed - float(np.mean(sets))) / max(sd, 1e-6)
+
+
+def one_caption_share(captions: np.ndarray) -> float:
+    """The largest share of a cluster's captions that are one and the same caption string."""
+    if len(captions) == 0:
+        return float("nan")
+    t = normalize_rows(captions)
+    return float(((t @ t.T) >= SAME_CAPTION).sum(axis=1).max() / len(t))
+
+
+@dataclass
+class GroundingReference:
+    """A random sample's captions T and generated captions F(I), L2-normalised, and how well each of
+    `GROUNDING_DRAWS` of its captions describes some other image of the sample (`described`)."""
+    captions: np.ndarray
+    generated: np.ndarray
+    null: np.ndarray
+
+
+def _described(candidates: np.ndarray, captions: np.ndarray, generated: np.ndarray) -> np.ndarray:
+    """How well each candidate caption (rows, L2-normalised) describes the best-matching image of the sample other
+    than the rows that carry that very caption: the largest cosine between it and a generated caption F(I), on the
+    [median, 1] scale of its cosines to every F(I)."""
+    g = generated @ candidates.T  # (sample, candidates)
+    median = np.median(g, axis=0)
+    g[(captions @ candidates.T) >= SAME_CAPTION] = -np.inf  # elsewhere: not its own rows
+    best = g.max(axis=0)
+    out = (best - median) / np.maximum(1.0 - median, 1e-9)
+    out[~np.isfinite(best)] = np.nan
+    return out
+
+
+def grounding_reference(captions: np.ndarray, generated: np.ndarray, rng: np.random.Generator) -> GroundingReference:
+    """The reference that `grounding` compares a caption with: random real captions of the sample."""
+    t, g = normalize_rows(captions), normalize_rows(generated)
+    draws = rng.choice(len(t), size=min(GROUNDING_DRAWS, len(t)), replace=False)
+    null = _described(t[draws], t, g)
+    return GroundingReference(captions=t, generated=g, null=null[np.isfinite(null)])
+
+
+def grounding(caption: np.ndarray, reference: GroundingReference) -> tuple[float, float]:
+    """Whether a caption describes some image of the data other than its own rows: how well it describes its
+    best-matching image (`_described`), and the share of random real captions that describe some other image at
+    least as well. A backdoor's target caption ("a photo of a banana.") names a concept that occurs in the data
+    (a share well below one half); boilerplate ("Image.", "free icon download") describes no image better than
+    real captions do (a share near one)."""
+    observed = float(_described(normalize_rows(caption[None, :]), reference.captions, reference.generated)[0])
+    share = float(np.mean(reference.null >= observed)) if len(reference.null) else float("nan")
+    return observed, share
+
+
+def set_aside_reason(stats: dict, test_one_caption_groups: bool) -> str | None:
+    """Why a cluster is not tested (None: it is tested). Duplicate families share near-identical images;
+    one-caption groups are tested only when their caption is grounded (boilerplate describes no image)."""
+    if stats["relative_image_coherence"] >= DUPLICATE_IMAGES:
+        return "its images are near-identical too: a duplicate family, not a trigger"
+    if stats["one_caption_share"] >= ONE_CAPTION_SHARE and not test_one_caption_groups \
+            and not stats["grounding_share"] <= GROUNDING_LEVEL:
+        return (f"{stats['one_caption_share']:.0%} of it is one caption string that describes no image of the data "
+                f"better than {1 - stats['grounding_share']:.0%} of real captions do: boilerplate "
+                "(test it anyway with --test-one-caption-groups)")
+    return None
+
+
+# -- the set-level test -------------------------------------------------------------------------------------------
+def binomial_sf(x: int, n: int, p: float) -> float:
+    """P(X >= x) for X ~ Binomial(n, p), summed in log space (exact for any n)."""
+    if x <= 0:
+        return 1.0
+    if x > n or p <= 0.0:
+        return 0.0
+    if p >= 1.0:
+        return 1.0
+    k = np.arange(x, n + 1, dtype=np.float64)
+    log_pmf = (math.lgamma(n + 1) - _lgamma(k + 1) - _lgamma(n - k + 1) + k * math.log(p)
+               + (n - k) * math.log1p(-p))
+    top = float(log_pmf.max())
+    return float(min(1.0, math.exp(top) * np.exp(log_pmf - top).sum()))
+
+
+def _lgamma(x: np.ndarray) -> np.ndarray:
+    import torch
+
+    return torch.lgamma(torch.from_numpy(x)).numpy()
+
+
+def _normal_sf(t: float) -> float:
+    return 0.5 * math.erfc(t / math.sqrt(2.0))
+
+
+def inconsistency_test(members: np.ndarray, inconsistent: np.ndarray, alpha: float) -> list[dict]:
+    """Which clusters are backdoors: those whose members are inconsistent with their images far more often than
+    the members of the data's other caption clusters are.
+
+    `members[k]`: how many valid rows belong to cluster k (their caption's correlation with its seeds reaches
+    `link_cosine`); `inconsistent[k]`: how many of them have c in the top `INCONSISTENT_TAIL` of all rows. The
+    reference share is the median share of the other clusters (at least `INCONSISTENT_TAIL`, the share of a
+    caption unrelated to consistency); their spread around it is the between-cluster spread. A cluster is a
+    backdoor when both its one-sided binomial p-value against the reference share (chance, at its size) and its
+    p-value against the reference share and spread together (the way clusters differ, at any size) are at most
+    alpha / K, K the number of clusters tested: the chance that any genuine cluster is called a backdoor is at
+    most alpha, as far as the other clusters stand for genuine ones. Neither p-value needs more rows for the
+    same effect as the dataset grows.
+    """
+    members = np.asarray(members, dtype=np.int64)
+    inconsistent = np.asarray(inconsistent, dtype=np.int64)
+    share = inconsistent / np.maximum(members, 1)
+    k_tested = len(members)
+    out = []
+    for k in range(k_tested):
+        others = np.delete(share, k)[np.delete(members, k) > 0]
+        reference = max(INCONSISTENT_TAIL, float(np.median(others))) if len(others) else INCONSISTENT_TAIL
+        spread = 0.0
+        if len(others) >= 3:
+            robust_var = (1.4826 * float(np.median(np.abs(others - np.median(others))))) ** 2
+            chance_var = float(np.mean(reference * (1 - reference) / np.delete(members, k)[np.delete(members, k) > 0]))
+            spread = math.sqrt(max(0.0, robust_var - chance_var))
+        n, x = int(members[k]), int(inconsistent[k])
+        p_chance = binomial_sf(x, n, reference)
+        se = math.sqrt(spread ** 2 + reference * (1 - reference) / max(n, 1))
+        t = (share[k] - reference) / se if n else float("nan")
+        p_spread = _normal_sf(t) if n else 1.0
+        p = max(p_chance, p_spread)
+        out.append({"members": n, "inconsistent": x, "inconsistent_share": float(share[k]),
+                    "reference_share": reference, "between_cluster_spread": spread, "inconsistency_t": float(t),
+                    "p_chance": p_chance, "p_spread": p_spread, "p_value": p, "level": alpha / k_tested,
+                    "backdoor": bool(p <= alpha / k_tested)})
+    return out
+
+
+def verdict_reason(test: dict) -> str:
+    """One sentence for a cluster's verdict."""
+    share, ref = test["inconsistent_share"], test["reference_share"]
+    if test["backdoor"]:
+        return (f"{test['inconsistent']} of its {test['members']} rows ({share:.0%}) are inconsistent with their "
+                f"images, against {ref:.0%} for the data's caption clusters (p {test['p_value']:.1e})")
+    return (f"{share:.0%} of its {test['members']} rows are inconsistent with their images, against {ref:.0%} for "
+            f"the data's caption clusters: not beyond chance and their spread (p {test['p_value']:.2g}, need "
+            f"{test['level']:.2g})")
