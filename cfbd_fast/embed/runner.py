@@ -24,16 +24,17 @@ import torch
 from ..errors import InputError
 from ..progress import progress_bar
 from ..locking import writer_lock
-from ..store import COMMIT_RECORD, EmbeddingStore, dtype_name, store_entries
+from ..store import EmbeddingStore, dtype_name, store_entries
 from ..threads import available_cores, default_threads
 from .decode import CpuPreprocess, DecodeError, GpuPreprocess, is_whole_jpeg, read_image_file
-from .models import LOCAL_DIR, LoadedModel, describe, is_random, load_model, model_identity, same_model
+from .models import LOCAL_DIR, LoadedModel, is_random, load_model, model_identity
+from .commits import _Chunk, _CommitWriter
 from .network import offline_when_unreachable
+from .output import RECORD_KEY, inputs_left, open_out, plan_out, position_record
 from .sources import Sample, Source, open_source
 
 COMMIT_ROWS = 4096
 BATCH_SIZE = 128
-_RECORD_KEY = "embed"
 MAX_BATCH_SIZE, MAX_COMMIT_ROWS, MAX_WORKERS = 1 << 16, 1 << 24, 256
 
 
@@ -203,7 +204,7 @@ def _embed_locked(source: Source, out: Path, identity: dict, model: str, pretrai
                   dtype: str, device: str, workers: int, batch_size: int, commit_rows: int, gpu_decode: bool | None,
                   overwrite: bool, append: bool, progress: bool) -> EmbedSummary:
     """`embed` once OUT's writer lock is held: plan, load the model, write."""
-    action, position = _plan_out(out, source, identity, dtype, overwrite, append)
+    action, position = plan_out(out, source, identity, dtype, overwrite, append)
     threads = torch.get_num_threads()
     if device == "cpu":
         # The model gets the cores that the workers and other busy processes leave (spinning threads on busy
@@ -219,7 +220,7 @@ def _embed_locked(source: Source, out: Path, identity: dict, model: str, pretrai
         if gpu_decode and not gpu:
             raise InputError("--gpu-decode needs a CUDA device and a model whose preprocessing resizes the "
                              "shortest side to a square (or squashes)")
-        with _open_out(Path(out), action, source, identity, dtype) as store:
+        with open_out(Path(out), action, source, identity, dtype) as store:
             counts = _run(store, source, loaded, position, batch_size, workers, commit_rows, gpu, progress)
             rows_total = len(store)
     finally:
@@ -245,7 +246,7 @@ def _run(store: EmbeddingStore, source: Source, loaded: LoadedModel, position: t
     the next chunk is embedded (one commit in flight; commits stay in order).
     """
     cuda = loaded.device.startswith("cuda")
-    record = store.record[_RECORD_KEY]
+    record = store.record[RECORD_KEY]
     plan = _Plan(source, position, commit_rows, batch_size)
     cpu_preprocess = CpuPreprocess(loaded.preprocess)
     decoder = _BatchDecoder(cpu_preprocess, loaded.tokenizer, keep_jpeg=gpu)
@@ -257,7 +258,7 @@ def _run(store: EmbeddingStore, source: Source, loaded: LoadedModel, position: t
     skipped = Counter()
     done = {"rows": 0, "inputs": 0}
     state = {"chunk": _Chunk(source.has_poison_labels)}
-    remaining = _remaining(source, position)
+    remaining = inputs_left(source, position)
     loop_started = time.perf_counter()
 
     def file(batch: "_Pending") -> None:
@@ -273,7 +274,8 @@ def _run(store: EmbeddingStore, source: Source, loaded: LoadedModel, position: t
         done["inputs"] += batch.inputs
         if batch.commit is not None:
             tick = time.perf_counter()
-            writer.submit(state["chunk"], {**record, "input": source.identity(), **_progress(source, batch.commit)})
+            writer.submit(state["chunk"], {**record, "input": source.identity(),
+                                           **position_record(source, batch.commit)})
             timings["write_wait_s"] += time.perf_counter() - tick
             state["chunk"] = _Chunk(source.has_poison_labels)
         bar.advance(batch.inputs)
@@ -350,44 +352,6 @@ class _Pending:
         return self._image, self._text
 
 
-class _CommitWriter:
-    """Commits chunks to the store on one background thread, one at a time and in order.
-
-    `submit` waits for the previous commit (so at most one chunk waits in memory) and re-raises its error;
-    leaving the context waits for the last one, also when the loop failed, so the store is never closed mid-commit.
-    """
-
-    def __init__(self, store: EmbeddingStore, timings: Counter):
-        from concurrent.futures import ThreadPoolExecutor
-
-        self._store, self._timings = store, timings
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cfbd-commit")
-        self._future = None
-
-    def submit(self, chunk: "_Chunk", record: dict) -> None:
-        self._wait()
-        self._future = self._pool.submit(self._commit, chunk, record)
-
-    def _commit(self, chunk: "_Chunk", record: dict) -> None:
-        tick = time.perf_counter()
-        chunk.commit(self._store, record)
-        self._timings["write_s"] += time.perf_counter() - tick
-
-    def _wait(self) -> None:
-        if self._future is not None:
-            future, self._future = self._future, None
-            future.result()
-
-    def __enter__(self) -> "_CommitWriter":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        try:
-            self._wait()
-        finally:
-            self._pool.shutdown(wait=True)
-
-
 def _assemble(result: dict, cpu_preprocess: CpuPreprocess, gpu_preprocess: GpuPreprocess | None, device: str,
               timings: Counter) -> tuple[torch.Tensor | None, list[int], list]:
     """The batch's normalised pixels on the device in input order (CPU-decoded rows plus GPU-decoded JPEGs), the
@@ -412,114 +376,3 @@ def _assemble(result: dict, cpu_preprocess: CpuPreprocess, gpu_preprocess: GpuPr
         rows.append(index)
     timings["gpu_decode_s"] += time.perf_counter() - tick
     return (torch.stack(pixels) if pixels else None), rows, skips
-
-
-class _Chunk:
-    """Rows and skip-list entries of one commit chunk, appended to the store in one commit."""
-
-    def __init__(self, has_poison_labels: bool):
-        self.images, self.texts, self.kept, self.skips = [], [], [], []
-        self.has_poison_labels = has_poison_labels
-
-    def add(self, image: np.ndarray, text: np.ndarray, kept: list) -> None:
-        self.images.append(image)
-        self.texts.append(text)
-        self.kept.extend(kept)
-
-    def commit(self, store: EmbeddingStore, record: dict) -> None:
-        dim = store.dim
-        image = np.concatenate(self.images) if self.images else np.empty((0, dim), np.float32)
-        text = np.concatenate(self.texts) if self.texts else np.empty((0, dim), np.float32)
-        meta = {"key": [k for k, _, _, _ in self.kept], "caption": [c for _, _, c, _ in self.kept],
-                "source": [s for _, s, _, _ in self.kept]}
-        poisoned = [p for _, _, _, p in self.kept]
-        if self.has_poison_labels or any(p is not None for p in poisoned):
-            meta["is_poisoned"] = poisoned
-        skipped = None
-        if self.skips:
-            skipped = {name: [entry[i] for entry in self.skips]
-                       for i, name in enumerate(("key", "source", "reason", "detail"))}
-        store.append(image=image, text=text, meta=meta, skipped=skipped, record={_RECORD_KEY: record})
-
-
-def _progress(source: Source, position: tuple[int, int]) -> dict:
-    """The commit record's account of how far the input is embedded (`EmbeddingStore.completion` reads it): the
-    resume position, the number of units, and inputs read so far of how many (None when not known up front)."""
-    unit, offset = position
-    before = [u.expected for u in source.units[:unit]]
-    done = None if any(c is None for c in before) else sum(before) + offset
-    return {"position": [unit, offset], "units": len(source.units), "inputs_done": done, "inputs_total": source.expected}
-
-
-def _remaining(source: Source, position: tuple[int, int]) -> int | None:
-    unit, offset = position
-    counts = [u.expected for u in source.units[unit:]]
-    if any(c is None for c in counts):
-        return None
-    return max(0, sum(counts) - offset)
-
-
-# ---- the store: create, resume, refuse ----------------------------------------------------------------
-
-def _same_input(old: dict, new: dict) -> bool:
-    """Same data and options; the path may differ (a moved folder with the same contents still resumes)."""
-    return {k: v for k, v in old.items() if k != "path"} == {k: v for k, v in new.items() if k != "path"}
-
-
-def _describe_input(identity: dict) -> str:
-    options = ", ".join(f"{k}={v}" for k, v in identity.items() if k not in ("kind", "path", "fingerprint"))
-    return f"{identity.get('kind')} {identity.get('path')} ({options + ', ' if options else ''}" \
-           f"fingerprint {str(identity.get('fingerprint'))[:12]})"
-
-
-def _plan_out(out: Path, source: Source, identity: dict, dtype: str, overwrite: bool,
-              append: bool) -> tuple[str, tuple[int, int]]:
-    """What to do with OUT, decided (and refused) before the model loads: "create", "replace" (--overwrite),
-    "resume" at a position, or "append" (another input after the existing rows)."""
-    if not store_entries(out):
-        return "create", (0, 0)
-    if overwrite:
-        if not ((out / COMMIT_RECORD).is_file() or any(out.glob("*.emb"))):
-            raise InputError(f"{out} is not a cfbd store; --overwrite only replaces stores: choose another --out")
-        return "replace", (0, 0)
-    with EmbeddingStore.open(out) as store:
-        body = store.record
-        rows = len(store)
-    record = body.get(_RECORD_KEY)
-    if record is not None:
-        old_model = record.get("model", {})
-        model_matches = same_model(old_model, identity)
-    else:
-        old_model = {"name": body["model"] or "an unknown model", "pretrained": body["pretrained"], "dim": body["dim"]}
-        model_matches = (body["model"] == identity["name"] and body["pretrained"] == identity["pretrained"]
-                         and body["dim"] == identity["dim"])
-    if not model_matches:
-        raise InputError(f"{out} holds embeddings of {describe(old_model)}; this run embeds {describe(identity)}. "
-                         "Vectors of different models cannot share a store: choose another --out, or pass "
-                         "--overwrite to replace it")
-    if body["dtype"] != dtype:
-        raise InputError(f"{out} stores {body['dtype']} vectors; this run asks for {dtype}: pass --dtype "
-                         f"{body['dtype']} to continue it, or --overwrite")
-    if record is not None and _same_input(record["input"], source.identity()):
-        return "resume", tuple(record["position"])
-    if not append:
-        what = (f"was embedded from {_describe_input(record['input'])}" if record is not None
-                else "holds rows not written by cfbd-fast embed")
-        raise InputError(f"{out} {what}, not from {_describe_input(source.identity())}: pass --append to add "
-                         f"these rows after its {rows}, --overwrite to start over, or choose another --out")
-    return "append", (0, 0)
-
-
-def _open_out(out: Path, action: str, source: Source, identity: dict, dtype: str) -> EmbeddingStore:
-    """Open OUT for writing as `_plan_out` decided, once the model has loaded."""
-    fresh = {"input": source.identity(), "model": identity, **_progress(source, (0, 0)), "first_row": 0}
-    if action in ("resume", "append"):
-        store = EmbeddingStore.open(out, mode="a")
-        if action == "append":
-            store.append(record={_RECORD_KEY: {**fresh, "first_row": len(store)}})
-        return store
-    if action == "replace":
-        for entry in store_entries(out):  # the lock file stays: this process holds it
-            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
-    return EmbeddingStore.create(out, dim=identity["dim"], dtype=dtype, model=identity["name"],
-                                 pretrained=identity["pretrained"], normalized=True, record={_RECORD_KEY: fresh})
