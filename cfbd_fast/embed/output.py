@@ -18,7 +18,8 @@ def position_record(source: Source, position: tuple[int, int]) -> dict:
     unit, offset = position
     before = [u.expected for u in source.units[:unit]]
     done = None if any(c is None for c in before) else sum(before) + offset
-    return {"position": [unit, offset], "units": len(source.units), "inputs_done": done, "inputs_total": source.expected}
+    return {"position": [unit, offset], "units": len(source.units), "inputs_done": done,
+            "inputs_total": source.expected}
 
 def inputs_left(source: Source, position: tuple[int, int]) -> int | None:
     unit, offset = position
