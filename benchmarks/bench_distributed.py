@@ -4,7 +4,8 @@ all-reduced, and whether the outputs agree.
     python benchmarks/bench_distributed.py --rows 3000000 --dim 512 --ranks 1 2
 
 The 1-rank row is the plain single-process scan. Every run is a fresh `cfbd-fast scan` process (or torchrun
-group), so the wall time includes start-up. Prints a markdown table; the EM line gives the all-reduce volume per
+group), so the wall time includes start-up. "publish" is summary.json's timings_s.publish: each rank writes its
+own rows (parts folders under ranks), nothing is joined. Prints a markdown table; the EM line gives the all-reduce volume per
 EM iteration (3K + 1 float64 per rank) next to what the run measured in total.
 """
 from __future__ import annotations

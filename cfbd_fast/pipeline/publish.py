@@ -157,9 +157,9 @@ def _scores_table(result, sl: slice, row_id: np.ndarray):
     return pa.table({
         "row_id": row_id, "key": result.keys[sl],
         "s_o": result.s_o[sl], "s_g": result.s_g[sl], "c": result.c[sl], "posterior": result.posterior[sl],
-        "subset": pa.array(np.asarray(SUBSETS)[result.subset[sl]]).dictionary_encode(),
+        "subset": pa.DictionaryArray.from_arrays(result.subset[sl], pa.array(SUBSETS, pa.string())),
         "z": result.z[sl], "score": result.score[sl], "p_value": result.p_value[sl], "cluster": result.cluster[sl],
-        "verdict": pa.array(np.asarray(VERDICTS)[result.verdict[sl]]).dictionary_encode(),
+        "verdict": pa.DictionaryArray.from_arrays(result.verdict[sl], pa.array(VERDICTS, pa.string())),
     })
 
 
