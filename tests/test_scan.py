@@ -259,3 +259,25 @@ def test_force_replaces_the_whole_scan(small, tmp_path):
     assert not (out / "report.html").exists() and (out / "notes.md").read_text() == "mine"
     written = json.loads((out / "summary.json").read_text())
     assert written["config"]["method"] == "cosine" and written == json.loads(result.stdout)
+
+
+def _file_size_limit():
+    """Writes past 200 kB fail as on a full disk (EFBIG instead of ENOSPC; the same OSError path)."""
+    import resource
+    import signal
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+
+
+def test_a_full_disk_names_the_path_and_leaves_nothing(small, tmp_path):
+    store_path, mapper = small
+    out = tmp_path / "o"
+    done = subprocess.run([sys.executable, "-m", "cfbd_fast.cli.main", "scan", str(store_path), "--mapper",
+                           str(mapper), "--out", str(out), "--quiet"], capture_output=True, text=True,
+                          preexec_fn=_file_size_limit, env={**os.environ, "OMP_NUM_THREADS": "1",
+                                                            "NUMBA_NUM_THREADS": "1"}, timeout=300)
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert done.stderr.strip().count("\n") == 0 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert str(out) in done.stderr and "nothing was published" in done.stderr
+    assert [p.name for p in out.iterdir()] == [".lock"]  # no temporary folder, no output

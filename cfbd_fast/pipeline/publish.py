@@ -142,7 +142,8 @@ def _written(path: Path, write):
         if isinstance(exc, CfbdError):
             raise
         reason = exc.strerror or (str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-        raise OutputError(f"{path}: cannot write the scan's outputs ({reason}): free space or choose another "
+        shown = Path(*(part for part in path.parts if not part.startswith(".cfbd-scan-")))  # where it was going
+        raise OutputError(f"{shown}: cannot write the scan's outputs ({reason}): free space or choose another "
                           "--out; nothing was published") from exc
 
 
@@ -271,8 +272,11 @@ def _write_texts(tmp: Path, result, comm, segments) -> None:
     """The single-file lists: each segment's bytes written at its offset (segments in row order), into files the
     root creates at their full size (flagged.csv with its header)."""
     header = _flagged_csv(result, slice(0, 0), header=True)
-    mine = [(start, {name: _key_lines(result, sl, code) for name, code in LISTS.items()}
-             | {"flagged.csv": _flagged_csv(result, sl, header=False)}) for start, sl in _segment_slices(result, segments)]
+    mine = []
+    for start, sl in _segment_slices(result, segments):
+        pieces = {name: _key_lines(result, sl, code) for name, code in LISTS.items()}
+        pieces["flagged.csv"] = _flagged_csv(result, sl, header=False)
+        mine.append((start, pieces))
     every = sorted(s for rank in comm.gather_objects([(start, {k: len(v) for k, v in pieces.items()})
                                                       for start, pieces in mine], "size the lists") for s in rank)
     offsets, totals = {}, {}
