@@ -1,19 +1,21 @@
-"""Detection quality on real images: `cfbd-fast poison` attacks on the Twemoji benchmark, embedded with its real
-dual encoder, scanned by every method; defaults are tuned on some poison seeds and reported on the others.
+"""Detection quality on real images, across domains: `cfbd-fast poison` attacks on the Twemoji and Openclipart
+benchmarks (realdata.py), embedded with each domain's towers (full recipe, weak), at each scan size, scanned by
+`cfbd` (mapper trained on the domain's clean mapper part, and `--mapper self`) and by the `simple` baseline
+(baseline_simple.py); other methods on request.
 
-Cases: each attack (badnets, blended, sig, wanet) at each poison rate and seed, a clean copy, two targets at once
-(multi-trigger) and paraphrased target captions (badclip-style natural captions). Mappers: one trained on the
-held-apart clean `mapper` part, and `--mapper self`. Methods: cfbd, cfbd-paper, coarse, cosine, safeclip and a
-local-density detector on image embeddings (mean distance to the 16 nearest neighbours).
-
-Only the poisoned rows' new images are embedded per case; every other row keeps the clean store's vectors
-(the embedding of an image does not depend on its batch).
-Usage: python benchmarks/bench_quality.py [--small] [--tune-seeds 0 1] [--report-seeds 2 3] [--rates ...]
+Protocol against overfitting: with `--grid NAME=V1,V2 ...` every setting of the scan options is run on both domains;
+the setting chosen on one domain (fewest failed cases, then the highest mean TPR) is reported on the other, both
+ways. A case fails when a poisoned case has TPR < 0.95 or FPR > 0.002, or a clean case flags more than 0.001.
+Without a grid the `--option` setting is reported on every cell. One table per (domain, tower, size); each run's
+per-row scores and verdicts go to bench-data/quality/rows/ (parquet) for analysis.
+Usage: python benchmarks/bench_quality.py [--domains ...] [--towers full weak] [--sizes 2000 10000] [--cases ...]
+       [--option k=JSON ...] [--grid k=V1,V2 ...] [--mappers trained self] [--methods cfbd simple]
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import sys
 import time
@@ -25,120 +27,67 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from cfbd_fast.errors import InputError  # noqa: E402
+from quality_data import (CLEAN_CASES, WORK, Cell, case_specs, case_store, embed_csv,  # noqa: E402,F401
+                          train_reference_mapper)
 
-ATTACKS = ("badnets", "blended", "sig", "wanet")
-RATES = (0.001, 0.003, 0.01, 0.03)
-METHODS = ("cfbd", "cfbd-paper", "coarse", "cosine", "safeclip", "density")
-MAPPERS = ("trained", "self")
-SECOND_TARGET = "pizza"
+METHODS = ("cfbd", "simple")
+MAPPED = ("cfbd", "cfbd-paper", "coarse")  # the methods that take a mapper
 COLUMNS = ("case", "mapper", "method", "tp", "fp", "tpr", "fpr", "precision", "auroc", "auprc", "tpr@0.001",
-           "seed_prec", "clusters", "time_s")
+           "fpr@tpr1", "clusters", "time_s")
+TPR_MIN, FPR_MAX, CLEAN_FPR_MAX = 0.95, 0.002, 0.001
 
 
-def embed_csv(csv_path: Path, out: Path, model_dir: Path) -> Path:
-    from cfbd_fast.embed.runner import embed
+def run_method(store: Path, method: str, mapper: str | None, options: dict) -> tuple[dict, dict]:
+    """One scan of a store: (metrics, per-row arrays). Metrics count every flagged row of a clean case as a false
+    positive; ranking metrics need poisoned rows."""
+    from baseline_simple import simple_scores
 
-    embed(csv_path, out, f"local-dir:{model_dir}", workers=0, progress=False)  # resumes, or finds it complete
-    return out
-
-
-def train_reference_mapper(store: Path, out: Path) -> Path:
-    from cfbd_fast.mapper import save_mapper, train_mapper
-    from cfbd_fast.pipeline.source import ChunkSource
-
-    if not out.exists():
-        ref = ChunkSource(store)
-        mapper = train_mapper(ref.store.image, ref.store.text, rows=ref.valid_rows(), depth=1, batch_size=256,
-                              lr=3e-3, epochs=20, seed=0, **ref.embedding_model)
-        save_mapper(mapper, out)
-    return out
-
-
-def case_store(name: str, clean_csv: Path, clean_store: Path, model_dir: Path, work: Path, **poison) -> Path:
-    """The clean store with the rows `poison_dataset` changed replaced by their new embeddings."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from cfbd_fast.poison import poison_dataset
-    from cfbd_fast.store import EmbeddingStore
-
-    out = work / f"{name}.cfbd"
-    if (out / "store.json").exists():
-        return out
-    pdir = work / f"{name}.poison"
-    if not (pdir / "data.csv").exists():
-        poison_dataset(clean_csv, pdir, clean_images="reference", progress=False, force=True, **poison)
-    record = pq.read_table(pdir / "poison_record.parquet").to_pydict()
-    rows = np.asarray(record["row"], dtype=np.int64)
-    with open(pdir / "data.csv", newline="") as fh:
-        table = list(csv.DictReader(fh))
-    changed = work / f"{name}.changed.csv"
-    with open(changed, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["image", "caption"])
-        for r in rows:
-            writer.writerow([str((pdir / table[r]["image"]).resolve()), table[r]["caption"]])
-    new = EmbeddingStore.open(embed_csv(changed, work / f"{name}.changed.cfbd", model_dir))
-    base = EmbeddingStore.open(clean_store)
-    image, text = np.array(base.image), np.array(base.text)
-    image[rows], text[rows] = new.image, new.text
-    meta = base.meta.to_pydict()
-    truth = np.zeros(len(base), dtype=bool)
-    truth[rows] = True
-    meta["caption"] = [row["caption"] for row in table]
-    if "source" in meta:  # the changed rows' images are the poisoned copies (thumbnails in `cfbd-fast report`)
-        for r in rows:
-            meta["source"][r] = str((pdir / table[r]["image"]).resolve())
-    meta["is_poisoned"] = truth.tolist()
-    EmbeddingStore.from_arrays(out, image=image, text=text, meta=pa.table(meta), model=base.model,
-                               pretrained=base.pretrained, normalized=True).close()
-    return out
-
-
-def density_scores(store: Path, k: int = 16) -> np.ndarray:
-    """Mean cosine distance of each image to its k nearest fellow images (the local-density baseline)."""
-    import torch
-
-    from cfbd_fast.store import EmbeddingStore
-
-    x = torch.from_numpy(np.asarray(EmbeddingStore.open(store).image, dtype=np.float32))
-    x = torch.nn.functional.normalize(x, dim=1)
-    out = np.empty(len(x), dtype=np.float32)
-    for start in range(0, len(x), 2048):
-        sim = x[start:start + 2048] @ x.T
-        sim[torch.arange(sim.shape[0]), torch.arange(start, start + sim.shape[0])] = -2.0
-        out[start:start + 2048] = (1.0 - sim.topk(k, dim=1).values.mean(dim=1)).numpy()
-    return out
-
-
-def evaluate(store: Path, mapper: str, method: str, options: dict) -> dict:
     from cfbd_fast import scan
-    from cfbd_fast.detect.metrics import detection_metrics
+    from cfbd_fast.pipeline import V_POISONED
     from cfbd_fast.store import EmbeddingStore
 
     started = time.perf_counter()
-    if method == "density":
-        truth = np.asarray(EmbeddingStore.open(store).meta.column("is_poisoned").to_numpy(zero_copy_only=False))
-        score = density_scores(store)
-        cut = np.quantile(score, 0.99)  # as its authors use it: a ranking, flagged at the data's top 1%
-        m = detection_metrics(truth, score > cut, score)
-        m["clusters"] = ""
+    opened = EmbeddingStore.open(store)
+    truth = np.asarray(opened.meta.column("is_poisoned").to_numpy(zero_copy_only=False), dtype=bool) \
+        if "is_poisoned" in opened.meta.column_names else np.zeros(len(opened), dtype=bool)
+    clusters = ""
+    if method == "simple":
+        out = simple_scores(np.asarray(opened.image), np.asarray(opened.text))
+        rows = dict(c=out["c"], s_o=out["s_o"], z=out["z"], score=out["score"], flagged=out["flagged"])
     else:
-        result = scan(store, mapper if method not in ("cosine", "safeclip") else None, method=method, **options)
-        m = result.summary["metrics"]
-        clusters = result.summary.get("clusters", [])
-        m["clusters"] = f"{sum(c['backdoor'] for c in clusters)}/{len(clusters)}" if clusters else ""
-        m["warnings"] = result.summary.get("warnings", [])
-    m["time_s"] = time.perf_counter() - started
+        result = scan(store, mapper if method in MAPPED else None, method=method, labels=None, **options)
+        rows = dict(c=result.c, s_o=result.s_o, z=result.z, score=result.score, p_value=result.p_value,
+                    cluster=result.cluster, flagged=result.verdict == V_POISONED)
+        found = result.summary.get("clusters", [])
+        clusters = f"{sum(c['backdoor'] for c in found)}/{len(found)}" if found else ""
+    metrics = _metrics(truth, rows["flagged"], rows["score"])
+    metrics.update(clusters=clusters, time_s=time.perf_counter() - started)
+    rows["is_poisoned"] = truth
+    return metrics, rows
+
+
+def _metrics(truth: np.ndarray, flagged: np.ndarray, score: np.ndarray) -> dict:
+    from cfbd_fast.detect.metrics import detection_metrics
+
+    valid = np.isfinite(score)
+    m = detection_metrics(truth[valid], flagged[valid], score[valid])
+    m["fp"] = int((flagged & ~truth).sum())  # invalid rows never flagged; counted over every row
+    m["fpr"] = m["fp"] / max(int((~truth).sum()), 1)
     return m
 
 
-def row(case: str, mapper: str, method: str, m: dict) -> dict:
-    return {"case": case, "mapper": mapper, "method": method, "tp": m["true_positives"], "fp": m["false_positives"],
+def table_row(case: str, mapper: str, method: str, m: dict) -> dict:
+    return {"case": case, "mapper": mapper, "method": method, "tp": m["true_positives"], "fp": m["fp"],
             "tpr": m["tpr"], "fpr": m["fpr"], "precision": m["precision"], "auroc": m["auroc"], "auprc": m["auprc"],
-            "tpr@0.001": m["tpr_at_fpr_0.001"], "seed_prec": m.get("seed_precision", float("nan")),
-            "clusters": m.get("clusters", ""), "time_s": m["time_s"]}
+            "tpr@0.001": m["tpr_at_fpr_0.001"], "fpr@tpr1": m["fpr_at_tpr_1"], "clusters": m["clusters"],
+            "time_s": m["time_s"]}
+
+
+def fails(row: dict) -> bool:
+    """The bar every method is held to: poisoned cases TPR >= 0.95 at FPR <= 0.2%; clean cases FPR <= 0.1%."""
+    if row["case"] in CLEAN_CASES:
+        return row["fpr"] > CLEAN_FPR_MAX
+    return not (row["tpr"] >= TPR_MIN and row["fpr"] <= FPR_MAX)
 
 
 def fmt(value) -> str:
@@ -147,100 +96,137 @@ def fmt(value) -> str:
     return str(value)
 
 
-def print_table(rows: list[dict], title: str) -> None:
-    print(f"\n## {title}\n")
-    print("| " + " | ".join(COLUMNS) + " |")
-    print("|" + "---|" * len(COLUMNS))
+def print_table(rows: list[dict], title: str, out=None) -> None:
+    lines = [f"\n## {title}\n", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(fmt(r[c]) for c in COLUMNS) + " |" for r in rows]
+    print("\n".join(lines), flush=True)
+    if out is not None:
+        out.write("\n".join(lines) + "\n")
+
+
+def notes(rows: list[dict]) -> list[str]:
+    """Per cell: the cases where cfbd fails the bar, and where `simple` beats it (more poisons caught at no more
+    false positives, or fewer false positives at no fewer poisons caught)."""
+    out = []
+    simple = {r["case"]: r for r in rows if r["method"] == "simple"}
     for r in rows:
-        print("| " + " | ".join(fmt(r[c]) for c in COLUMNS) + " |")
-
-
-def cases(seeds, rates, attacks) -> list[tuple[str, dict]]:
-    out = [("clean", None)]
-    for seed in seeds:
-        for attack in attacks:
-            for rate in rates:
-                out.append((f"{attack}-{rate:g}-s{seed}", {"attack": attack, "rate": rate, "seed": seed}))
-        out.append((f"two-targets-s{seed}", {"attack": "multi-trigger", "targets": ["banana", SECOND_TARGET],
-                                            "multi_attacks": ["badnets", "blended"], "rate": 0.01, "seed": seed}))
-        out.append((f"paraphrased-s{seed}", {"attack": "badclip-style", "rate": 0.01, "seed": seed}))
+        if r["method"] != "cfbd":
+            continue
+        tag = f"{r['case']} ({r['mapper']})"
+        if fails(r):
+            out.append(f"cfbd below the bar: {tag}: tp {r['tp']}, fp {r['fp']}, tpr {fmt(r['tpr'])}")
+        s = simple.get(r["case"])
+        if s is not None and ((s["tp"] > r["tp"] and s["fp"] <= r["fp"]) or (s["fp"] < r["fp"] and s["tp"] >= r["tp"])):
+            out.append(f"simple beats cfbd: {tag}: simple tp {s['tp']} fp {s['fp']}, cfbd tp {r['tp']} fp {r['fp']}")
     return out
+
+
+def run_cell(cell: Cell, cases: dict, methods: list[str], mappers: list[str], options: dict, tag: str,
+             rows_dir: Path) -> list[dict]:
+    """Every case x method (x mapper) of one cell with one setting; writes each run's per-row parquet."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from cfbd_fast.errors import InputError
+
+    rows = []
+    folder = rows_dir / tag / cell.name.replace("/", "-")
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, spec in cases.items():
+        try:
+            store = cell.case(name, spec)
+        except InputError as exc:
+            print(f"skipped {cell.name} {name}: {exc}", flush=True)
+            continue
+        for method in methods:
+            for mapper in (mappers if method in MAPPED else ["-"]):
+                path = {"trained": str(cell.mapper), "self": "self"}.get(mapper)
+                m, per_row = run_method(store, method, path, options)
+                rows.append(dict(table_row(name, mapper, method, m), cell=cell.name, setting=tag))
+                pq.write_table(pa.table({"row": np.arange(len(per_row["score"])), **per_row}),
+                               folder / f"{name}-{method}-{mapper}.parquet")
+                print(json.dumps({k: fmt(v) for k, v in rows[-1].items()}), flush=True)
+    return rows
+
+
+def settings(options: dict, grid: list[str]) -> list[dict]:
+    """The scan options of every setting: `options` plus each combination of the grid's values."""
+    axes = [(k, [json.loads(v) for v in values.split(",")]) for k, values in (g.split("=", 1) for g in grid)]
+    return [dict(options, **dict(zip([k for k, _ in axes], combo))) for combo in
+            itertools.product(*[values for _, values in axes])] or [dict(options)]
+
+
+def choose(rows: list[dict], tags: list[str], domain: str) -> str:
+    """The setting with the fewest failed cfbd runs on `domain`'s cells, then the highest mean TPR."""
+    def key(tag):
+        mine = [r for r in rows if r["setting"] == tag and r["method"] == "cfbd" and r["cell"].startswith(domain)]
+        tprs = [r["tpr"] for r in mine if r["tpr"] == r["tpr"]]
+        return sum(map(fails, mine)), -float(np.mean(tprs)) if tprs else 0.0
+    return min(tags, key=key)
 
 
 def main(argv=None) -> None:
     import realdata
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--small", action="store_true", help="the test-size data (.cache/realdata-small)")
-    ap.add_argument("--work", type=Path, default=ROOT / "bench-data" / "quality")
-    ap.add_argument("--tune-seeds", type=int, nargs="*", default=[0, 1])
-    ap.add_argument("--report-seeds", type=int, nargs="*", default=[2, 3])
-    ap.add_argument("--rates", type=float, nargs="*", default=list(RATES))
-    ap.add_argument("--attacks", nargs="*", default=list(ATTACKS))
+    ap.add_argument("--domains", nargs="*", default=list(realdata.DOMAINS), choices=realdata.DOMAINS)
+    ap.add_argument("--towers", nargs="*", default=["full", "weak"], choices=("full", "weak"))
+    ap.add_argument("--sizes", type=int, nargs="*", default=[2000])
+    ap.add_argument("--cases", nargs="*", default=None, help=f"default: all of {', '.join(case_specs())}")
     ap.add_argument("--methods", nargs="*", default=list(METHODS))
-    ap.add_argument("--mappers", nargs="*", default=list(MAPPERS))
+    ap.add_argument("--mappers", nargs="*", default=["trained", "self"])
+    ap.add_argument("--poison-seed", type=int, default=1)
     ap.add_argument("--option", action="append", default=[], help="scan option as NAME=JSON, e.g. fdr=0.01")
-    ap.add_argument("--csv", type=Path, default=None, help="also write the rows to this CSV")
+    ap.add_argument("--grid", action="append", default=[], help="a tuned option: NAME=JSON1,JSON2,...")
+    ap.add_argument("--work", type=Path, default=WORK)
+    ap.add_argument("--out", type=Path, default=None, help="CSV of every run (default WORK/quality.csv; tables: .md)")
     args = ap.parse_args(argv)
     options = {k: json.loads(v) for k, v in (o.split("=", 1) for o in args.option)}
+    all_cases = case_specs(args.poison_seed)
+    unknown = set(args.cases or []) - set(all_cases)
+    if unknown:
+        ap.error(f"unknown cases {sorted(unknown)}: choose from {', '.join(all_cases)}")
+    cases = {k: v for k, v in all_cases.items() if args.cases is None or k in args.cases}
 
+    from _common import machine
     from cfbd_fast.threads import configure_threads
 
     configure_threads()
-    data = realdata.ensure_all(small=args.small, progress=False)
-    work = args.work / ("small" if args.small else "full")
-    work.mkdir(parents=True, exist_ok=True)
-    model_dir = Path(data["model"])
-    clean_csv = Path(data["parts"]["scan"])
-    clean_store = embed_csv(clean_csv, work / "clean.cfbd", model_dir)
-    mapper_store = embed_csv(Path(data["parts"]["mapper"]), work / "mapper.cfbd", model_dir)
-    mappers = {"trained": str(train_reference_mapper(mapper_store, work / "mapper.safetensors")), "self": "self"}
-    print(f"# bench_quality: {'small' if args.small else 'full'} real-image data, model local-dir:{model_dir.name}, "
-          f"tower test R@1 {data['retrieval']['r1']:.3f}; options {options or 'defaults'}")
-    for split, seeds in (("tune", args.tune_seeds), ("report", args.report_seeds)):
-        rows = []
-        for name, poison in cases(seeds, args.rates, args.attacks):
-            if name == "clean" and split == "report":
-                continue
-            try:
-                store = clean_store if poison is None else case_store(name, clean_csv, clean_store, model_dir, work,
-                                                                      **poison)
-            except InputError as exc:
-                print(f"skipped {name}: {exc}")
-                continue
-            for method in args.methods:
-                for mapper in (args.mappers if method in ("cfbd", "cfbd-paper", "coarse") else ["-"]):
-                    if name == "clean":  # no positives: count false positives only
-                        m = evaluate_clean(store, mappers.get(mapper), method, options)
-                    else:
-                        m = evaluate(store, mappers.get(mapper), method, options)
-                    rows.append(row(name, mapper, method, m))
-                    print(json.dumps({k: fmt(v) for k, v in rows[-1].items()}), flush=True)
-        print_table(rows, f"{split} seeds {seeds}")
-        if args.csv:
-            with open(args.csv.with_name(f"{args.csv.stem}-{split}{args.csv.suffix}"), "w", newline="") as fh:
-                writer = csv.DictWriter(fh, fieldnames=COLUMNS)
-                writer.writeheader()
-                writer.writerows(rows)
-
-
-def evaluate_clean(store: Path, mapper, method: str, options: dict) -> dict:
-    """On the clean copy every flagged row is a false positive; ranking metrics do not exist."""
-    from cfbd_fast import scan
-
-    started = time.perf_counter()
-    if method == "density":
-        flagged = 0
-    else:
-        result = scan(store, mapper if method not in ("cosine", "safeclip") else None, method=method, labels=None,
-                      **options)
-        flagged = int((result.verdict == 1).sum())
-        clusters = result.summary.get("clusters", [])
-    nan = float("nan")
-    return {"true_positives": 0, "false_positives": flagged, "tpr": nan, "fpr": flagged / len(result.verdict)
-            if method != "density" else nan, "precision": nan, "auroc": nan, "auprc": nan, "tpr_at_fpr_0.001": nan,
-            "clusters": (f"{sum(c['backdoor'] for c in clusters)}/{len(clusters)}" if method != "density" and clusters
-                         else ""), "time_s": time.perf_counter() - started}
+    out = args.out or args.work / "quality.csv"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    markdown = open(out.with_suffix(".md"), "w")
+    header = (f"# bench_quality: {' '.join(sys.argv[1:]) or 'defaults'}; {time.strftime('%Y-%m-%d')}; {machine()}; "
+              f"poison seed {args.poison_seed}")
+    print(header)
+    markdown.write(header + "\n")
+    cells = [Cell(d, t, s, args.work).build() for d in args.domains for t in args.towers for s in args.sizes]
+    grid = settings(options, args.grid)
+    tags = [json.dumps(g, sort_keys=True) if g else "defaults" for g in grid]
+    rows = []
+    for setting, tag in zip(grid, tags):
+        for cell in cells:
+            rows += run_cell(cell, cases, args.methods, args.mappers, setting, tag, args.work / "rows")
+    with open(out, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["setting", "cell", *COLUMNS])
+        writer.writeheader()
+        writer.writerows(rows)
+    reported = {d: tags[0] for d in args.domains}
+    if len(tags) > 1:
+        for tuned in args.domains:
+            chosen = choose(rows, tags, tuned)
+            for other in [d for d in args.domains if d != tuned] or [tuned]:
+                reported[other] = chosen
+                line = f"\ntuned on {tuned}: {chosen}; reported on {other}"
+                print(line)
+                markdown.write(line + "\n")
+    for cell in cells:
+        tag = reported[cell.domain]
+        mine = [r for r in rows if r["cell"] == cell.name and r["setting"] == tag]
+        print_table(mine, f"{cell.name} (tower test R@1 {cell.retrieval['r1']:.3f}; setting {tag})", markdown)
+        for line in notes(mine):
+            print(f"- {line}")
+            markdown.write(f"- {line}\n")
+    markdown.close()
 
 
 if __name__ == "__main__":
