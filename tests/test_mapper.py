@@ -14,6 +14,7 @@ from cfbd_fast.demo import generate_pairs, generate_reference
 from cfbd_fast.errors import InputError, MapperMismatchError
 from cfbd_fast.mapper import KnnMapper, MLPMapper, fit_self_mapper, load_mapper, save_mapper, train_mapper
 from cfbd_fast.pipeline.options import ScanConfig
+from cfbd_fast.pipeline.global_steps import GlobalSteps
 from cfbd_fast.pipeline.source import ChunkSource
 from cfbd_fast.pipeline.mapping import resolve_mapper
 from cfbd_fast.store import EmbeddingStore
@@ -213,8 +214,8 @@ def test_knn_bank_from_valid_rows_of_the_scanned_store(tmp_path):
     pairs = generate_pairs(3000, 16, poison_rate=0.0, seed=2, concepts=30)
     text = pairs.text.copy()
     text[[5, 700, 2999]] = np.nan  # invalid captions never enter the bank
-    source = ChunkSource(EmbeddingStore.from_arrays(tmp_path / "s.cfbd", image=pairs.image, text=text,
-                                                    model="ViT-B-32"))
+    source = GlobalSteps(ChunkSource(EmbeddingStore.from_arrays(tmp_path / "s.cfbd", image=pairs.image, text=text,
+                                                                model="ViT-B-32")))
     mapper, fingerprint = resolve_mapper("knn", source, ScanConfig(knn_bank=500, knn_neighbours=4, random_seed=3), False)
     assert fingerprint.startswith("knn:")
     assert 497 <= len(mapper.bank_rows) <= 500 and np.all(np.diff(mapper.bank_rows) > 0)
