@@ -183,6 +183,8 @@ def test_cli_errors(small, tmp_path):
     fails([str(store_path), "--mapper", str(mapper), "--q", "10000000"], "larger than the store")
     fails([str(store_path), "--mapper", str(mapper), "--method", "bogus"], "bogus")
     fails([str(store_path), "--mapper", str(mapper), "--labels", str(tmp_path / "l.csv")], "l.csv")
+    for inside in (store_path, store_path / "meta"):  # scan files never land in a store
+        fails([str(store_path), "--mapper", str(mapper), "--out", str(inside)], "inside a store")
     import torch
 
     if not torch.cuda.is_available():
