@@ -17,6 +17,7 @@ import argparse
 import csv
 import itertools
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -130,7 +131,7 @@ def run_cell(cell: Cell, cases: dict, methods: list[str], mappers: list[str], op
     from cfbd_fast.errors import InputError
 
     rows = []
-    folder = rows_dir / tag / cell.name.replace("/", "-")
+    folder = rows_dir / re.sub(r"[^A-Za-z0-9_.=-]+", "_", tag).strip("_") / cell.name.replace("/", "-")
     folder.mkdir(parents=True, exist_ok=True)
     for name, spec in cases.items():
         try:
