@@ -274,8 +274,10 @@ ChunkReader::ChunkReader(Store& store, const std::vector<std::string>& names, ui
         auto file = matrix.file();
         auto mapping =
             std::make_shared<const MappedFile>(*file, matrix.data_offset() + stop * matrix.row_bytes());
-        if (mapping->size() > 0)
+        if (mapping->size() > 0) {
             ::madvise(const_cast<uint8_t*>(mapping->data()), mapping->size(), MADV_SEQUENTIAL);
+            ::posix_fadvise(file->fd(), 0, 0, POSIX_FADV_SEQUENTIAL);  // read(2)'s read-ahead window doubled
+        }
         sources_.push_back({file, mapping, matrix.data_offset(), matrix.row_bytes()});
         mappings->push_back(std::move(mapping));
     }
@@ -300,20 +302,56 @@ std::pair<uint64_t, uint64_t> ChunkReader::byte_range(const Source& source, uint
     return {source.data_offset + first * source.row_bytes, source.data_offset + last * source.row_bytes};
 }
 
+namespace {
+
+// Whether every page of [address, address + length) is in the page cache (mincore; address page-aligned).
+bool resident(const uint8_t* address, uint64_t length) {
+    static const uint64_t page = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
+    std::vector<unsigned char> pages((length + page - 1) / page);
+    if (::mincore(const_cast<uint8_t*>(address), length, pages.data()) != 0) return false;
+    return std::all_of(pages.begin(), pages.end(), [](unsigned char p) { return (p & 1) != 0; });
+}
+
+}  // namespace
+
+// Cold pages come in faster by read(2), the kernel's sequential read path with its read-ahead, than by faulting
+// them into a mapping; the bytes land in the page cache, where MADV_POPULATE_READ then maps them.
+void ChunkReader::read_into_cache(const Source& source, uint64_t begin, uint64_t end) const {
+    static thread_local std::vector<uint8_t> scratch(1u << 20);
+    while (begin < end) {
+        const size_t want = static_cast<size_t>(std::min<uint64_t>(scratch.size(), end - begin));
+        const ssize_t got = ::pread(source.file->fd(), scratch.data(), want, static_cast<off_t>(begin));
+        if (got < 0 && errno == EINTR) continue;
+        if (got < 0) throw_errno("cannot read", source.file->path());
+        if (got == 0) return;  // the mapping's own faults report a short file
+        begin += static_cast<uint64_t>(got);
+    }
+}
+
 void ChunkReader::prefetch(uint64_t chunk_index) const {
     static const uint64_t page = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
+    // Cold matrices are read side by side, one thread each: the disk sees several sequential streams.
+    std::vector<std::thread> readers;
+    std::vector<std::exception_ptr> errors(sources_.size());
+    for (size_t i = 0; i < sources_.size(); ++i) {
+        const Source& source = sources_[i];
+        const auto [begin, end] = byte_range(source, chunk_index);
+        const uint64_t aligned = begin / page * page;
+        if (begin == end || resident(source.mapping->data() + aligned, end - aligned)) continue;
+        readers.emplace_back([this, &source, &errors, i, begin = begin, end = end] {
+            try {
+                read_into_cache(source, begin, end);
+            } catch (...) {
+                errors[i] = std::current_exception();
+            }
+        });
+    }
+    for (auto& reader : readers) reader.join();
+    for (const auto& error : errors)
+        if (error) std::rethrow_exception(error);
     for (const Source& source : sources_) {
         const auto [begin, end] = byte_range(source, chunk_index);
         if (begin == end) continue;
-        // Queue disk reads for this chunk and the next so that the disk stays busy while pages are mapped.
-        if (chunk_index == 0)
-            ::posix_fadvise(source.file->fd(), static_cast<off_t>(begin), static_cast<off_t>(end - begin),
-                            POSIX_FADV_WILLNEED);
-        if (chunk_index + 1 < chunk_count_) {
-            const auto [next_begin, next_end] = byte_range(source, chunk_index + 1);
-            ::posix_fadvise(source.file->fd(), static_cast<off_t>(next_begin),
-                            static_cast<off_t>(next_end - next_begin), POSIX_FADV_WILLNEED);
-        }
         const uint64_t aligned = begin / page * page;
         uint8_t* base = const_cast<uint8_t*>(source.mapping->data());
         if (::madvise(base + aligned, end - aligned, MADV_POPULATE_READ) == 0) continue;

@@ -81,11 +81,13 @@ void replace_file_atomic(const std::string& path, const std::string& content);
 void write_file_durable(const std::string& path, const std::string& content);
 
 // Streams rows [start, stop) of some matrices in chunks straight from a private read-only mapping of each
-// file. A background thread faults in chunk k+1 (posix_fadvise WILLNEED, then MADV_POPULATE_READ) while the
-// consumer works on chunk k, and the pages of chunks the consumer has moved past are dropped from the process
+// file. A background thread faults in chunk k+1 while the consumer works on chunk k: pages not yet in the
+// page cache are first read with pread(2) (the kernel's sequential read path with its read-ahead, one thread per
+// matrix, so that the disk sees parallel sequential streams; faulting cold pages into a mapping is slower), then
+// mapped with MADV_POPULATE_READ. The pages of chunks the consumer has moved past are dropped from the process
 // with MADV_DONTNEED. Resident memory therefore stays at about two chunks whatever the store size, while the
-// consumer reads the page cache directly with no copy. Dropped pages stay valid: touching them again re-reads
-// them from the page cache or the file.
+// consumer reads the page cache directly with no copy.
+// Dropped pages stay valid: touching them again re-reads them from the page cache or the file.
 class ChunkReader {
 public:
     struct Chunk {
@@ -123,6 +125,7 @@ private:
 
     void run();
     void prefetch(uint64_t chunk_index) const;
+    void read_into_cache(const Source& source, uint64_t begin, uint64_t end) const;
     void release(uint64_t chunk_index) const;
     // Byte range [begin, end) of a chunk inside a source's mapping.
     std::pair<uint64_t, uint64_t> byte_range(const Source& source, uint64_t chunk_index) const;
