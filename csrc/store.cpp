@@ -282,7 +282,11 @@ ChunkReader::ChunkReader(Store& store, const std::vector<std::string>& names, ui
         mappings->push_back(std::move(mapping));
     }
     mappings_ = std::move(mappings);
+    uint64_t chunk_bytes = 0;
+    for (const Source& source : sources_) chunk_bytes += rows_per_chunk_ * source.row_bytes;
+    read_ahead_ = std::max<uint64_t>(2, kReadAheadBytes / std::max<uint64_t>(chunk_bytes, 1));
     thread_ = std::thread([this] { run(); });
+    for (size_t i = 0; i < sources_.size(); ++i) streams_.emplace_back([this, i] { stream(i); });
 }
 
 ChunkReader::~ChunkReader() { close(); }
@@ -294,6 +298,8 @@ void ChunkReader::close() {
     }
     state_.changed.notify_all();
     if (thread_.joinable()) thread_.join();
+    for (auto& stream : streams_)
+        if (stream.joinable()) stream.join();
 }
 
 std::pair<uint64_t, uint64_t> ChunkReader::byte_range(const Source& source, uint64_t chunk_index) const {
@@ -328,27 +334,32 @@ void ChunkReader::read_into_cache(const Source& source, uint64_t begin, uint64_t
     }
 }
 
+void ChunkReader::stream(size_t source_index) {
+    static const uint64_t page = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
+    const Source& source = sources_[source_index];
+    try {
+        for (uint64_t chunk = 0; chunk < chunk_count_; ++chunk) {
+            {
+                std::unique_lock<std::mutex> lock(state_.mutex);
+                state_.changed.wait(lock, [&] { return state_.stop || chunk < state_.taken + read_ahead_; });
+                if (state_.stop) return;
+            }
+            const auto [begin, end] = byte_range(source, chunk);
+            const uint64_t aligned = begin / page * page;
+            if (begin < end && !resident(source.mapping->data() + aligned, end - aligned))
+                read_into_cache(source, begin, end);
+        }
+    } catch (...) {
+        {
+            std::lock_guard<std::mutex> lock(state_.mutex);
+            if (!state_.error) state_.error = std::current_exception();
+        }
+        state_.changed.notify_all();
+    }
+}
+
 void ChunkReader::prefetch(uint64_t chunk_index) const {
     static const uint64_t page = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
-    // Cold matrices are read side by side, one thread each: the disk sees several sequential streams.
-    std::vector<std::thread> readers;
-    std::vector<std::exception_ptr> errors(sources_.size());
-    for (size_t i = 0; i < sources_.size(); ++i) {
-        const Source& source = sources_[i];
-        const auto [begin, end] = byte_range(source, chunk_index);
-        const uint64_t aligned = begin / page * page;
-        if (begin == end || resident(source.mapping->data() + aligned, end - aligned)) continue;
-        readers.emplace_back([this, &source, &errors, i, begin = begin, end = end] {
-            try {
-                read_into_cache(source, begin, end);
-            } catch (...) {
-                errors[i] = std::current_exception();
-            }
-        });
-    }
-    for (auto& reader : readers) reader.join();
-    for (const auto& error : errors)
-        if (error) std::rethrow_exception(error);
     for (const Source& source : sources_) {
         const auto [begin, end] = byte_range(source, chunk_index);
         if (begin == end) continue;
@@ -393,7 +404,7 @@ void ChunkReader::run() {
     } catch (...) {
         {
             std::lock_guard<std::mutex> lock(state_.mutex);
-            state_.error = std::current_exception();
+            if (!state_.error) state_.error = std::current_exception();
         }
         state_.changed.notify_all();
     }

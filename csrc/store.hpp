@@ -81,13 +81,12 @@ void replace_file_atomic(const std::string& path, const std::string& content);
 void write_file_durable(const std::string& path, const std::string& content);
 
 // Streams rows [start, stop) of some matrices in chunks straight from a private read-only mapping of each
-// file. A background thread faults in chunk k+1 while the consumer works on chunk k: pages not yet in the
-// page cache are first read with pread(2) (the kernel's sequential read path with its read-ahead, one thread per
-// matrix, so that the disk sees parallel sequential streams; faulting cold pages into a mapping is slower), then
-// mapped with MADV_POPULATE_READ. The pages of chunks the consumer has moved past are dropped from the process
-// with MADV_DONTNEED. Resident memory therefore stays at about two chunks whatever the store size, while the
-// consumer reads the page cache directly with no copy.
-// Dropped pages stay valid: touching them again re-reads them from the page cache or the file.
+// file. One thread per matrix reads the chunks ahead of the consumer into the page cache with pread(2)
+// (kReadAheadBytes ahead, skipping pages already cached), so that a cold read streams at the disk's rate;
+// another faults chunk k+1 into the mapping (MADV_POPULATE_READ) while the consumer works on chunk k. The pages
+// of chunks the consumer has moved past are dropped from the process with MADV_DONTNEED. Resident memory
+// therefore stays at about two chunks whatever the store size, while the consumer reads the page cache
+// directly with no copy. Dropped pages stay valid: touching them again re-reads them from the page cache.
 class ChunkReader {
 public:
     struct Chunk {
@@ -123,7 +122,13 @@ private:
         std::exception_ptr error;
     };
 
+    // Cold chunks reach the page cache through pread(2) (the kernel's sequential read path with its read-ahead;
+    // faulting cold pages into a mapping is slower), one streaming thread per matrix, up to kReadAheadBytes
+    // ahead of the consumer: page cache only, nothing mapped, so resident memory does not grow with it.
+    static constexpr uint64_t kReadAheadBytes = 256ull << 20;
+
     void run();
+    void stream(size_t source_index);
     void prefetch(uint64_t chunk_index) const;
     void read_into_cache(const Source& source, uint64_t begin, uint64_t end) const;
     void release(uint64_t chunk_index) const;
@@ -137,7 +142,9 @@ private:
     uint64_t rows_per_chunk_;
     uint64_t chunk_count_;
     State state_;
+    uint64_t read_ahead_ = 2;  // chunks the streaming threads read ahead of the consumer
     std::thread thread_;
+    std::vector<std::thread> streams_;
 };
 
 }  // namespace cfbd
