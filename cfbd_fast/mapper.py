@@ -218,6 +218,9 @@ def fit_self_mapper(image, text, *, sample: int = 100_000, trim: float = 0.05, r
     return mapper
 
 
+KNN_GATHER_BYTES = 2**28  # the gathered neighbours of one query block of KnnMapper.map
+
+
 class KnnMapper:
     """F(I) = mean of the k captions in a bank nearest (by cosine) to I, leaving out the pair's own caption.
 
@@ -257,8 +260,10 @@ class KnnMapper:
             rows = np.asarray(rows, dtype=np.int64)
             if len(rows) != len(image):
                 raise InputError(f"rows has {len(rows)} entries for {len(image)} images")
-        for start in range(0, len(image), self.query_block):
-            query = torch_f.normalize(image[start:start + self.query_block].to(device, torch.float32), dim=-1)
+        # a block's gathered neighbours (block x k x dim floats) stay within KNN_GATHER_BYTES
+        block = max(1, min(self.query_block, KNN_GATHER_BYTES // (self.k * self.bank.shape[1] * 4)))
+        for start in range(0, len(image), block):
+            query = torch_f.normalize(image[start:start + block].to(device, torch.float32), dim=-1)
             similarity = query @ self.bank.T
             if rows is not None:
                 block_rows = rows[start:start + len(query)]

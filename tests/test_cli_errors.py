@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -65,14 +66,71 @@ def test_embed_offline_fails_in_one_attempt(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def scan_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("scan")
-    store, _ = write_demo_stores(root, rows=2000, dim=16, poison_rate=0.01, seed=3, reference_rows=500,
-                                 progress=False)
-    proc = subprocess.run([sys.executable, "-m", "cfbd_fast.cli.main", "scan", str(store), "--mapper", "self",
-                           "--out", str(root / "out"), "--quiet"], env=ENV, capture_output=True, text=True)
+def demo_store(tmp_path_factory) -> Path:
+    store, _ = write_demo_stores(tmp_path_factory.mktemp("store"), rows=2000, dim=16, poison_rate=0.01, seed=3,
+                                 reference_rows=500, progress=False)
+    return store
+
+
+@pytest.fixture(scope="module")
+def scan_dir(demo_store, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("scan") / "out"
+    proc = subprocess.run([sys.executable, "-m", "cfbd_fast.cli.main", "scan", str(demo_store), "--mapper", "self",
+                           "--out", str(out), "--quiet"], env=ENV, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    return root / "out"
+    return out
+
+
+SCAN_CASES = {
+    ("--random-seed", "-5"): "Error: random_seed (--random-seed) must be a whole number from 0 to 4,294,967,295, "
+                             "got -5",
+    ("--threads", HUGE): f"Error: threads (--threads) must be a whole number from 1 to 4,096, got {HUGE}",
+    ("--chunk-rows", HUGE): f"Error: chunk_rows (--chunk-rows) must be a whole number from 1 to 16,777,216, got {HUGE}",
+    ("--components", HUGE): f"Error: components (--components) must be a whole number from 1 to 100, got {HUGE}",
+    ("--mapper", "knn", "--knn-neighbours", "100000000"): (
+        "Error: knn_neighbours (--knn-neighbours) must be below knn_bank (20,000), the captions the neighbours are "
+        "chosen from; got 100000000"),
+    ("--timeout", "-1"): "Error: --timeout -1: give the seconds a rank waits, more than 0 and at most 604,800 "
+                         "(a week)",
+    ("--q", "5000"): "Error: seed_set_size (--seed-set-size) 5000 is larger than the store (2000 rows): lower it",
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("option", list(SCAN_CASES), ids=lambda o: " ".join(o))
+def test_scan_numeric_options_are_bounded(demo_store, tmp_path, option):
+    """Refused with one line, and the output folder (created by the scan or not) is not left behind."""
+    args = ["scan", str(demo_store), "--mapper", "self", "--out", "out", "--quiet", *option]
+    assert _fails(args, tmp_path) == SCAN_CASES[option]
+
+
+@pytest.mark.slow
+def test_scan_out_inside_a_store_is_refused(demo_store, tmp_path):
+    store = tmp_path / demo_store.name
+    shutil.copytree(demo_store, store)
+    for out in (store, store / "meta"):
+        assert _fails(["scan", str(store), "--mapper", "self", "--out", str(out), "--quiet"], tmp_path) == \
+            f"Error: --out {out} is inside a store: give a folder outside the store for the scan's outputs"
+
+
+def test_scan_memory_is_checked_before_allocating():
+    """The memory the options ask for is compared with the free memory, naming the option that asks most."""
+    from cfbd_fast.errors import InputError
+    from cfbd_fast.pipeline.options import ScanConfig, check_memory, memory_needed
+
+    cfg = ScanConfig(chunk_rows=2**24, knn_bank=1_000_000, knn_neighbours=999_999).validated()
+    need = memory_needed(cfg, 10**8, 1024, "knn")
+    assert need["chunk_rows"] == 8 * 2**24 * 1024 * 4 and need["knn_bank"] > 2 * 10**6 * 1024 * 4
+    assert need["knn_neighbours"] == 999_999 * (1024 * 4 + 8)  # one query at a time: never 2,048 queries' 8 TiB
+    check_memory(cfg, 10**8, 1024, "knn", sum(need.values()))  # exactly enough
+    with pytest.raises(InputError, match=r"^chunk_rows \(--chunk-rows\) 16,777,216: the scan would allocate about "
+                                         r"523\.5 GiB at once \(100,000,000 rows of dim 1024\), more than the "
+                                         r"1\.0 GiB free on cpu: lower it$"):
+        check_memory(cfg, 10**8, 1024, "knn", 2**30)
+    small = ScanConfig().validated()
+    check_memory(small, 2000, 16, "self", 2**30)
+    with pytest.raises(InputError, match="^self_sample"):
+        check_memory(replace(small, self_sample=2**28), 10**9, 4096, "self", 2**30 * 64)
 
 
 def _broken_copy(scan_dir: Path, tmp_path: Path, name: str, data: bytes) -> Path:

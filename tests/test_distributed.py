@@ -117,7 +117,7 @@ def runs(demo):
         1: [scan("cfbd", "one-cfbd"), scan("cfbd-paper", "one-cfbd-paper"), [*embed, "--out", out / "one.cfbd"],
             scan("cfbd", "one-knn", mapper="knn"), scan("cfbd", "one-self", mapper="self"),
             scan("cfbd", "one-shards-self", *shards, mapper="self")],
-        2: [[*embed, "--out", out / "tar-parts", "--json"], scan("cfbd", "ranks2-cfbd"),
+        2: [[*embed, "--out", out / "tar-parts", "--json"], [*scan("cfbd", "ranks2-cfbd"), "--report"],
             scan("cfbd", "shards2", *shards), scan("cfbd", "ranks2-knn", mapper="knn"),
             scan("cfbd", "shards2-self", *shards, mapper="self")],
         3: [scan("cfbd", "ranks3-cfbd"), scan("cfbd-paper", "ranks3-cfbd-paper"), scan("cfbd", "shards3", *shards)],
@@ -131,6 +131,14 @@ def runs(demo):
 
 
 # -- the scan across ranks ----------------------------------------------------------------------------------
+def test_report_under_ranks(runs):
+    """scan --report under torchrun: rank 0 writes report.html before the commit and the summary names it."""
+    out, _ = runs
+    summary = json.loads((out / "ranks2-cfbd" / "summary.json").read_text())
+    assert summary["report"] == str(out / "ranks2-cfbd" / "report.html")
+    assert "BACKDOOR" in (out / "ranks2-cfbd" / "report.html").read_text()
+
+
 @pytest.mark.parametrize("method,ranks", [("cfbd", 2), ("cfbd", 3), ("cfbd-paper", 3)])
 def test_ranks_on_one_store_match_one_process(runs, method, ranks):
     out, _ = runs

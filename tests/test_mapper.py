@@ -12,7 +12,8 @@ from cfbd_fast.cli import mapper as mapper_cli
 from cfbd_fast.cli.main import _Group
 from cfbd_fast.demo import generate_pairs, generate_reference
 from cfbd_fast.errors import InputError, MapperMismatchError
-from cfbd_fast.mapper import KnnMapper, MLPMapper, fit_self_mapper, load_mapper, save_mapper, train_mapper
+from cfbd_fast.mapper import (KNN_GATHER_BYTES, KnnMapper, MLPMapper, fit_self_mapper, load_mapper, save_mapper,
+                              train_mapper)
 from cfbd_fast.pipeline.options import ScanConfig
 from cfbd_fast.pipeline.global_steps import GlobalSteps
 from cfbd_fast.pipeline.source import ChunkSource
@@ -190,6 +191,17 @@ def test_knn_matches_a_float64_reference():
     for query_rows in (rows, None):
         got = mapper.map(torch.from_numpy(query).float(), query_rows).numpy()
         np.testing.assert_allclose(got, _knn_reference(query, bank, bank_rows, query_rows, 7), atol=1e-5)
+
+
+def test_knn_with_many_neighbours_gathers_in_bounded_blocks():
+    """k close to the bank: a query block's neighbours (block x k x dim) are capped by KNN_GATHER_BYTES (here 1,398
+    queries of 1,500 at a time), with the same answer."""
+    rng = np.random.default_rng(3)
+    bank, query = rng.standard_normal((3000, 16)), rng.standard_normal((1500, 16))
+    k = 2999
+    assert KNN_GATHER_BYTES // (k * 16 * 4) < len(query)
+    got = KnnMapper(bank, np.arange(3000), k=k).map(torch.from_numpy(query).float(), None).numpy()
+    np.testing.assert_allclose(got, _knn_reference(query, bank, np.arange(3000), None, k), atol=1e-5)
 
 
 def test_knn_leaves_out_the_pairs_own_caption_but_not_a_duplicate():

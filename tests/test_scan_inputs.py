@@ -102,12 +102,12 @@ def _fails(args, *needles, code=1):
 
 
 @pytest.mark.parametrize("option,value,needle", [
-    ("--q", "0", "seed_set_size (--seed-set-size) must be an integer of at least 1, got 0"),
-    ("--k", "0", "components (--components) must be an integer of at least 1, got 0"),
+    ("--q", "0", "seed_set_size (--seed-set-size) must be a whole number from 1 to"),
+    ("--k", "0", "components (--components) must be a whole number from 1 to"),
     ("--gamma", "2", "gamma (--gamma) must be between 0 and 1 (exclusive), got 2.0"),
     ("--fpr", "2", "fpr (--fpr) must be between 0 and 1 (exclusive), got 2.0"),
     ("--threshold", "nan", "threshold (--threshold) must be a finite number, got nan"),
-    ("--chunk-rows", "0", "chunk_rows (--chunk-rows) must be an integer of at least 1, got 0"),
+    ("--chunk-rows", "0", "chunk_rows (--chunk-rows) must be a whole number from 1 to"),
 ])
 def test_option_ranges_have_one_message(stores, tmp_path, option, value, needle):
     clean, _, _, mapper = stores

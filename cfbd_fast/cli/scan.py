@@ -20,6 +20,7 @@ from ..errors import InputError
 from ._options import Device, Json, Quiet
 
 _DEFAULTS = ScanConfig()
+MAX_TIMEOUT_S = 7 * 24 * 3600
 
 
 def _choices(name: str, declared: dict) -> type[Enum]:
@@ -135,6 +136,9 @@ def scan(store: Store = None, mapper: MapperOpt = None, out: Out = None, force: 
         knn_neighbours=knn_neighbours, min_cluster=min_cluster, max_clusters=max_clusters,
         test_one_caption_groups=test_one_caption_groups, threads=threads, timings=timings,
         device_memory_share=device_memory_share, mapper_precision=mapper_precision.value)
+    if not 0 < timeout <= MAX_TIMEOUT_S:
+        raise InputError(f"--timeout {timeout:g}: give the seconds a rank waits, more than 0 and at most "
+                         f"{MAX_TIMEOUT_S:,} (a week)")
     paths = shard_paths(store, shards)
     if out is None and store is None:
         raise InputError("--shards needs --out: the folder for the scan's outputs")
@@ -197,8 +201,10 @@ def format_summary(summary: dict) -> str:
                  f"  invalid {sub['invalid']:,}")
     ver = counts["verdict"]
     thr = summary["threshold"]
+    value = thr.get("value", cfg.get("threshold"))  # a given cut may be recorded in the config only
     cut = (f"{thr['method']} {thr['level']:g} on p-values" if "level" in thr
-           else f"threshold {thr.get('value', float('nan')):.4g} on {thr['score']}, {thr['method']}")
+           else f"threshold {value:.4g} on {thr['score']}, {thr['method']}" if value is not None
+           else f"a threshold per cluster on {thr['score']}, {thr['method']}")
     lines.append(f"verdicts        poisoned {ver['poisoned']:,}  benign {ver['benign']:,}  invalid {ver['invalid']:,}"
                  f"  ({cut})")
     m = summary.get("metrics")

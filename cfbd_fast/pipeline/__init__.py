@@ -16,7 +16,7 @@ import numpy as np
 
 from ..errors import InputError
 from .global_steps import GlobalSteps
-from .options import METHODS, SUBSETS, V_BENIGN, V_INVALID, V_POISONED, VERDICTS, ScanConfig
+from .options import METHODS, SUBSETS, V_BENIGN, V_INVALID, V_POISONED, VERDICTS, ScanConfig, check_memory
 from .publish import json_default, output_folder, publish
 
 if TYPE_CHECKING:
@@ -139,11 +139,14 @@ def run_stages(steps: GlobalSteps, mapper, cfg: ScanConfig, *, labels, progress:
     import torch
 
     from . import clusters, mapping, paper, passes
+    from .transfer import free_memory
 
     source = steps.source
     if cfg.spec.needs_mapper and cfg.seed_set_size > steps.total_rows:
         raise InputError(f"seed_set_size (--seed-set-size) {cfg.seed_set_size} is larger than the store "
                          f"({steps.total_rows} rows): lower it")
+    check_memory(cfg, steps.total_rows, source.dim, str(mapper) if isinstance(mapper, (str, Path)) else None,
+                 free_memory(cfg.device))
     truth = source.labels(labels)  # resolved before any scoring
     timer.add("open", time.perf_counter() - t_start)
 

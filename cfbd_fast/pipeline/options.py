@@ -76,6 +76,23 @@ VERDICTS = ("benign", "poisoned", "invalid")
 BENIGN, SEED, SUSPICIOUS, INVALID = 0, 1, 2, 3
 V_BENIGN, V_POISONED, V_INVALID = 0, 1, 2
 
+# The integer options' bounds: past them a scan would overflow a counter or a library's argument, or ask for
+# memory no machine has (the memory a scan needs is checked against the free memory once the store is open).
+MAX_ROWS = 2**40
+MAX_THREADS = 4096
+BOUNDS = {
+    "components": (1, 100),
+    "seed_set_size": (1, MAX_ROWS),
+    "topk": (1, 100_000),
+    "min_cluster": (1, MAX_ROWS),
+    "max_clusters": (1, 1000),
+    "chunk_rows": (1, 2**24),
+    "random_seed": (0, 2**32 - 1),
+    "self_sample": (2, 2**28),
+    "knn_bank": (2, 2**28),
+    "knn_neighbours": (1, 2**28),
+}
+
 # Old keyword names of scan() still accepted: the paper's symbols.
 ALIASES = {"q": "seed_set_size", "k": "components", "seed": "random_seed"}
 
@@ -149,21 +166,17 @@ class ScanConfig:
                 out.device_memory_share, (int, float)) or not 0.0 <= out.device_memory_share <= 1.0):
             raise InputError(f"{option_name('device_memory_share')} must be between 0 and 1, "
                              f"got {out.device_memory_share!r}")
-        _at_least("components", out.components, 1)
-        _at_least("seed_set_size", out.seed_set_size, 1)
-        _at_least("topk", out.topk, 1)
-        _at_least("min_cluster", out.min_cluster, 1)
-        _at_least("chunk_rows", out.chunk_rows, 1)
-        _at_least("self_sample", out.self_sample, 2)
-        _at_least("knn_bank", out.knn_bank, 2)
-        _at_least("knn_neighbours", out.knn_neighbours, 1)
+        for name, (low, high) in BOUNDS.items():
+            _between(name, getattr(out, name), low, high)
         if out.threads is not None:
-            _at_least("threads", out.threads, 1)
+            _between("threads", out.threads, 1, MAX_THREADS)
+        if out.knn_neighbours >= out.knn_bank:
+            raise InputError(f"{option_name('knn_neighbours')} must be below knn_bank ({out.knn_bank:,}), the "
+                             f"captions the neighbours are chosen from; got {out.knn_neighbours!r}")
         _open_unit("gamma", out.gamma)
         _open_unit("fpr", out.fpr)
         _open_unit("fdr", out.fdr)
         _open_unit("alpha", out.alpha)
-        _at_least("max_clusters", out.max_clusters, 1)
         if out.threshold is not None and not math.isfinite(out.threshold):
             raise InputError(f"{option_name('threshold')} must be a finite number, got {out.threshold}")
         return out
@@ -182,11 +195,44 @@ def _choice(name: str, value, choices: dict) -> None:
         raise InputError(f"{option_name(name)} {value!r} is not a choice: use one of {', '.join(choices)}")
 
 
-def _at_least(name: str, value, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise InputError(f"{option_name(name)} must be an integer of at least {low}, got {value!r}")
+def _between(name: str, value, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise InputError(f"{option_name(name)} must be a whole number from {low:,} to {high:,}, got {value!r}")
 
 
 def _open_unit(name: str, value) -> None:
     if not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
         raise InputError(f"{option_name(name)} must be between 0 and 1 (exclusive), got {value!r}")
+
+
+# -- memory -------------------------------------------------------------------------------------------------------
+def memory_needed(cfg: ScanConfig, rows: int, dim: int, mapper) -> dict[str, int]:
+    """Bytes (float32) that the options ask a scan of `rows` rows of `dim` to allocate at once, by option: the
+    streamed chunks (image, caption, mapped and staged copies and the mapper's activations), the --mapper self
+    sample, the --mapper knn bank with one query block's similarities and neighbours."""
+    from ..mapper import KNN_GATHER_BYTES
+
+    chunk = min(cfg.chunk_rows, rows)
+    need = {"chunk_rows": 8 * chunk * dim * 4}
+    if mapper == "self":
+        need["self_sample"] = 4 * min(cfg.self_sample, rows) * dim * 4
+    if mapper == "knn":
+        bank = min(cfg.knn_bank, rows)
+        k = max(1, min(cfg.knn_neighbours, bank - 1))
+        block = max(1, min(2048, KNN_GATHER_BYTES // (k * dim * 4)))
+        need["knn_bank"] = 2 * bank * dim * 4 + block * bank * 4
+        need["knn_neighbours"] = block * k * (dim * 4 + 8)
+    return need
+
+
+def check_memory(cfg: ScanConfig, rows: int, dim: int, mapper, free_bytes: int) -> None:
+    """Refuse, before allocating, options whose memory is more than the `free_bytes` free (0: unknown, not
+    checked), naming the option that asks for the most."""
+    need = memory_needed(cfg, rows, dim, mapper)
+    total = sum(need.values())
+    if free_bytes <= 0 or total <= free_bytes:
+        return
+    name = max(need, key=need.get)
+    raise InputError(f"{option_name(name)} {getattr(cfg, name):,}: the scan would allocate about "
+                     f"{total / 2**30:.1f} GiB at once ({rows:,} rows of dim {dim}), more than the "
+                     f"{free_bytes / 2**30:.1f} GiB free on {cfg.device}: lower it")

@@ -77,8 +77,11 @@ def output_folder(out: str | Path, comm, force: bool = False):
         if comm.is_root:
             try:
                 check_out_dir(out, force=True)
+                created = not out.exists()
                 out.mkdir(exist_ok=True)
                 stack.enter_context(writer_lock(out, "scan output folder"))
+                if created:  # a failed scan leaves no folder behind (removed while the lock is still held)
+                    stack.push(lambda failed, *_: _remove_unused(out) if failed else None)
                 check_out_dir(out, force=force)
             except CfbdError as exc:
                 error = str(exc)
@@ -86,6 +89,18 @@ def output_folder(out: str | Path, comm, force: bool = False):
         if errors[0] is not None:
             raise InputError(errors[0])
         yield out
+
+
+def _remove_unused(out: Path) -> None:
+    """Remove the output folder a failed scan created, when it holds nothing but its lock file."""
+    from ..locking import LOCK_NAME
+
+    try:
+        if os.listdir(out) == [LOCK_NAME]:
+            os.unlink(out / LOCK_NAME)
+            out.rmdir()
+    except OSError:  # another writer created its lock file meanwhile: the folder is its
+        pass
 
 
 # -- writing ------------------------------------------------------------------------------------------------------

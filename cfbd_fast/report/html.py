@@ -139,7 +139,8 @@ def _cut_text(s: dict) -> str:
     thr = s.get("threshold", {})
     if "level" in thr:
         return f"{thr['method']} {thr['level']:g} on p-values (p-value cut {thr.get('p_cut', 0):.3g})"
-    return f"{thr.get('method')}: {_num(thr.get('value'))} on {thr.get('score')}"
+    value = thr.get("value", s.get("config", {}).get("threshold"))  # a given cut may be recorded in the config only
+    return f"{thr.get('method')}: {_num(value)} on {thr.get('score')}"
 
 
 def _plots(out: ScanOutputs) -> str:
