@@ -309,6 +309,7 @@ def ship_tower(model_dir: Path, domain_name: str, tower: str) -> Path:
     weights = load_file(str(Path(model_dir) / "open_clip_model.safetensors"))
     out = shipped_path(domain_name, tower)
     save_file({k: v for k, v in weights.items() if not k.startswith("text.")}, str(out))
+    os.chmod(out, 0o644)
     record = json.loads((Path(model_dir) / "training.json").read_text())
     out.with_suffix(".json").write_text(json.dumps({k: v for k, v in record.items() if k != "installed_from"},
                                                    indent=1) + "\n")
