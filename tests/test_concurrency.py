@@ -171,6 +171,7 @@ def test_a_killed_holder_releases_the_lock_and_the_next_writer_resumes(tmp_path,
         info = CliRunner().invoke(app, ["store", "info", str(store), "--no-health"])
         assert (f"status       incomplete: embedding stopped at row {done} of 320 (rerun the same command to resume)"
                 in info.stdout.splitlines()), info.stdout
+        _scan_refuses_an_incomplete_store_unless_allowed(store, done, tmp_path / "partial.scan")
         resumed = racers.race([[*args, "--json"], ["--version"]])[0]
         assert resumed["code"] == 0, resumed["stderr"]
         with EmbeddingStore.open(store) as opened:
@@ -182,6 +183,25 @@ def test_a_killed_holder_releases_the_lock_and_the_next_writer_resumes(tmp_path,
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(holder.pid, signal.SIGKILL)  # and any worker left behind
         holder.stderr.close()
+
+
+def _scan_refuses_an_incomplete_store_unless_allowed(store: Path, done: int, out: Path) -> None:
+    """A store whose embed was killed: scan refuses it in one line leaving nothing; with --allow-incomplete it
+    scans the rows embedded so far and says so in summary.json."""
+    scan = ["scan", str(store), "--method", "cosine", "--out", str(out), "--quiet"]
+    refused = CliRunner().invoke(app, scan)
+    assert refused.exit_code == 1 and refused.stderr.strip().splitlines() == [
+        f"Error: {store}: incomplete: its embedding stopped at input {done:,} of 320 ({done:,} rows embedded): rerun "
+        "the same embed command to finish it, or scan with --allow-incomplete"], refused.stderr
+    assert not out.exists()
+    allowed = CliRunner().invoke(app, [*scan, "--allow-incomplete", "--json"])
+    assert allowed.exit_code == 0, allowed.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["store"]["complete"] is False and summary["config"]["allow_incomplete"] is True
+    assert f"{store}: incomplete: its embedding stopped at input {done:,} of 320 ({done:,} rows embedded): the " \
+           "outputs cover only the rows embedded so far" in summary["warnings"]
+    assert sum(len((out / name).read_text().split()) for name in ("keep.txt", "poisoned.txt", "invalid.txt")) == done
+    shutil.rmtree(out)
 
 
 # ---- scan / scan: two scans with the same --out (the scan's output-folder lock) ----------------------------

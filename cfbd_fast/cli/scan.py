@@ -104,6 +104,9 @@ Shards = Annotated[Optional[str], typer.Option(
 Distributed = Annotated[Optional[bool], typer.Option(
     "--distributed/--no-distributed", help="Run as one rank of torch.distributed (torchrun --nproc-per-node N): "
                                            "each rank scans its rows.", show_default="when torchrun started it")]
+AllowIncomplete = Annotated[bool, typer.Option(
+    "--allow-incomplete", help="Scan a store whose embedding was stopped before the end of its input (refused "
+                               "otherwise): the outputs cover only the rows embedded so far.")]
 Timeout = Annotated[float, typer.Option("--timeout", help="Seconds a rank waits for the others before the run "
                                                           "fails.")]
 
@@ -120,8 +123,8 @@ def scan(store: Store = None, mapper: MapperOpt = None, out: Out = None, force: 
          test_one_caption_groups: OneCaptionGroups = False, threads: Threads = None, timings: Timings = False,
          device_memory_share: DeviceMemoryShare = None,
          mapper_precision: MapperPrecisionOpt = _DEFAULTS.mapper_precision, report: Report = False,
-         shards: Shards = None, distributed: Distributed = None, timeout: Timeout = 1800.0, quiet: Quiet = False,
-         json_out: Json = False) -> None:
+         shards: Shards = None, distributed: Distributed = None, timeout: Timeout = 1800.0,
+         allow_incomplete: AllowIncomplete = False, quiet: Quiet = False, json_out: Json = False) -> None:
     """Scan STORE for backdoored pairs; write scores.parquet, poisoned.txt, keep.txt, keep.parquet, flagged.csv,
     summary.json (and report.html with --report)."""
     from ..distributed.comm import init_comm, ranks_launched
@@ -135,7 +138,8 @@ def scan(store: Store = None, mapper: MapperOpt = None, out: Out = None, force: 
         chunk_rows=chunk_rows, device=device.value, random_seed=random_seed,
         knn_neighbours=knn_neighbours, min_cluster=min_cluster, max_clusters=max_clusters,
         test_one_caption_groups=test_one_caption_groups, threads=threads, timings=timings,
-        device_memory_share=device_memory_share, mapper_precision=mapper_precision.value)
+        device_memory_share=device_memory_share, mapper_precision=mapper_precision.value,
+        allow_incomplete=allow_incomplete)
     if not 0 < timeout <= MAX_TIMEOUT_S:
         raise InputError(f"--timeout {timeout:g}: give the seconds a rank waits, more than 0 and at most "
                          f"{MAX_TIMEOUT_S:,} (a week)")

@@ -147,6 +147,10 @@ def run_stages(steps: GlobalSteps, mapper, cfg: ScanConfig, *, labels, progress:
                          f"({steps.total_rows} rows): lower it")
     check_memory(cfg, steps.total_rows, source.dim, str(mapper) if isinstance(mapper, (str, Path)) else None,
                  free_memory(cfg.device))
+    unfinished = source.unfinished()
+    if unfinished and not cfg.allow_incomplete:
+        raise InputError(f"{unfinished[0]}: rerun the same embed command to finish it, or scan with "
+                         "--allow-incomplete")
     truth = source.labels(labels)  # resolved before any scoring
     timer.add("open", time.perf_counter() - t_start)
 
@@ -162,6 +166,7 @@ def run_stages(steps: GlobalSteps, mapper, cfg: ScanConfig, *, labels, progress:
     steps.checkpoint("consistency")
     s = passes.consistency_pass(source, mapper, cfg, timer, progress)
     passes.check_valid(s, steps)
+    s.warnings.extend(f"{line}: the outputs cover only the rows embedded so far" for line in unfinished)
     steps.checkpoint("gmm")
     if cfg.spec.verdict == "clusters":  # cfbd: every caption cluster examined
         paper.coarse_stage(s, cfg, steps, timer)

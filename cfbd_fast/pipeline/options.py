@@ -129,6 +129,7 @@ class ScanConfig:
     self_options: dict = field(default_factory=lambda: {"depth": 1, "batch_size": 256, "lr": 3e-3, "epochs": 3})
     knn_bank: int = 20_000
     knn_neighbours: int = 10
+    allow_incomplete: bool = False  # scan a store whose embedding was stopped (refused otherwise)
 
     @classmethod
     def from_options(cls, **options) -> "ScanConfig":

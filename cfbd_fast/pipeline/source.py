@@ -81,10 +81,23 @@ class ChunkSource:
         info = first.info
         ident = {"path": str(first.path), "fingerprint": first.fingerprint, "rows": self.total_rows, "dim": self.dim,
                  "dtype": str(first.dtype), "model": info.get("model"), "pretrained": info.get("pretrained")}
+        ident["complete"] = not self.unfinished()
         if len(self.stores) > 1:
-            ident["shards"] = [{"path": str(st.path), "fingerprint": st.fingerprint, "rows": len(st)}
-                               for st in self.stores]
+            ident["shards"] = [{"path": str(st.path), "fingerprint": st.fingerprint, "rows": len(st),
+                                "complete": st.completion[0]} for st in self.stores]
         return ident
+
+    def unfinished(self) -> list[str]:
+        """A line for each store whose embedding was stopped before the end of its input (none when all are
+        whole)."""
+        lines = []
+        for st in self.stores:
+            finished, done, total = st.completion
+            if finished:
+                continue
+            at = "" if done is None else f" at input {done:,}" if total is None else f" at input {done:,} of {total:,}"
+            lines.append(f"{st.path}: incomplete: its embedding stopped{at} ({len(st):,} rows embedded)")
+        return lines
 
     @property
     def embedding_model(self) -> dict:
