@@ -205,3 +205,39 @@ def _scan_refuses_an_incomplete_store_unless_allowed(store: Path, done: int, out
 
 
 # ---- scan / scan: two scans with the same --out (the scan's output-folder lock) ----------------------------
+SCAN_BUSY = re.compile(r"^Error: scan output folder (\S+) is being written by process (\d+); wait for it or stop it$")
+
+
+@pytest.mark.slow
+def test_two_scans_into_one_output_folder(tmp_path, racers):
+    """Two scans of one --out released together: one publishes, the other refuses in one line (naming the
+    holder's pid while it runs, or the finished scan's outputs after); the folder holds the winner's scan."""
+    from cfbd_fast.demo import generate_pairs
+
+    pairs = generate_pairs(rows=400, dim=8, poison_rate=0.01, seed=1, concepts=20)
+    store = EmbeddingStore.from_arrays(tmp_path / "small.cfbd", image=pairs.image, text=pairs.text, meta=pairs.meta(),
+                                       model="cfbd-fast-demo")
+    store.close()
+    busy = 0
+    for round_ in range(ROUNDS):
+        out = tmp_path / f"r{round_}.scan"
+        commands = [["scan", str(tmp_path / "small.cfbd"), "--method", "cosine", "--out", str(out), "--quiet",
+                     "--fpr", fpr] for fpr in ("0.01", "0.02")]
+        results = racers.race(commands)
+        assert sorted(r["code"] for r in results) == [0, 1], results
+        winner = [r["code"] for r in results].index(0)
+        lines = results[1 - winner]["stderr"].strip().splitlines()
+        assert len(lines) == 1, results
+        match = SCAN_BUSY.match(lines[0])
+        if match:
+            assert Path(match.group(1)) == out and int(match.group(2)) == racers.procs[winner].pid, lines[0]
+            busy += 1
+        else:
+            assert lines[0] == f"Error: --out {out} already holds scan outputs: pass --force to replace them or " \
+                               "choose another folder", lines[0]
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["config"]["fpr"] == float(commands[winner][-1])  # the winner's scan, never replaced
+        assert sorted(p.name for p in out.iterdir()) == sorted([".lock", "flagged.csv", "invalid.txt", "keep.parquet",
+                                                                "keep.txt", "poisoned.txt", "scores.parquet",
+                                                                "summary.json"])
+    assert busy > 0, "no round had two scans at once: the test raced nothing"
