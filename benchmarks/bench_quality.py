@@ -61,16 +61,17 @@ def run_method(store: Path, method: str, mapper: str | None, options: dict) -> t
                     cluster=result.cluster, flagged=result.verdict == V_POISONED)
         found = result.summary.get("clusters", [])
         clusters = f"{sum(c['backdoor'] for c in found)}/{len(found)}" if found else ""
-    metrics = _metrics(truth, rows["flagged"], rows["score"])
+    metrics = _metrics(truth, rows["flagged"], rows["score"], np.isfinite(rows["c"]))
     metrics.update(clusters=clusters, time_s=time.perf_counter() - started)
     rows["is_poisoned"] = truth
     return metrics, rows
 
 
-def _metrics(truth: np.ndarray, flagged: np.ndarray, score: np.ndarray) -> dict:
+def _metrics(truth: np.ndarray, flagged: np.ndarray, score: np.ndarray, valid: np.ndarray) -> dict:
+    """Over the valid rows (finite embeddings), as the scan's summary counts them; a row without a score (outside
+    every tested cluster) ranks lowest."""
     from cfbd_fast.detect.metrics import detection_metrics
 
-    valid = np.isfinite(score)
     m = detection_metrics(truth[valid], flagged[valid], score[valid])
     m["fp"] = int((flagged & ~truth).sum())  # invalid rows never flagged; counted over every row
     m["fpr"] = m["fp"] / max(int((~truth).sum()), 1)
