@@ -158,24 +158,11 @@ def filter_tar(tar: Path, out: FilterOutput, choose: Choose, bar) -> dict:
         return done
     counts, written = Counts(), set()
     tmp = out.tmp(name)
-    mode = "w|gz" if name.lower().endswith((".tar.gz", ".tgz")) else "w|"
-    group, chosen = None, False
     try:
-        with open(tar, "rb") as src, tarfile.open(fileobj=src, mode="r|*") as archive, \
-                open(tmp, "wb") as raw, tarfile.open(fileobj=raw, mode=mode, format=tarfile.PAX_FORMAT) as dst:
-            for member in archive:
-                match = _WDS_MEMBER.match(member.name) if member.isfile() else None
-                if match is None:
-                    continue
-                if match.group(1) != group:
-                    group = match.group(1)
-                    chosen = choose(group, f"{tar} key {group}")
-                    counts.add(chosen, choose.unknown)
-                    bar.advance(1)
-                    if chosen:
-                        written.add(group)
-                if chosen:
-                    dst.addfile(member, archive.extractfile(member))
+        if name.lower().endswith((".tar.gz", ".tgz")):
+            _filter_tar_stream(tar, tmp, choose, counts, written, bar)
+        else:
+            _filter_tar_ranges(tar, tmp, choose, counts, written, bar)
     except (tarfile.TarError, EOFError) as exc:
         raise InputError(f"{tar}: unreadable tar shard ({exc}); re-download or remove it") from None
     moves = [(tmp, name)]
@@ -186,6 +173,72 @@ def filter_tar(tar: Path, out: FilterOutput, choose: Choose, bar) -> dict:
         moves.insert(0, (tmp_parquet, parquet.name))
     out.publish(name, counts, moves)
     return counts
+
+
+def _members_by_key(members, tar: Path, choose: Choose, counts: Counts, written: set, bar):
+    """(member, chosen) for each sample member, deciding each key once, at its first member."""
+    group, chosen = None, False
+    for member in members:
+        match = _WDS_MEMBER.match(member.name) if member.isfile() else None
+        if match is None:
+            continue
+        if match.group(1) != group:
+            group = match.group(1)
+            chosen = choose(group, f"{tar} key {group}")
+            counts.add(chosen, choose.unknown)
+            bar.advance(1)
+            if chosen:
+                written.add(group)
+        yield member, chosen
+
+
+def _filter_tar_ranges(tar: Path, tmp: Path, choose: Choose, counts: Counts, written: set, bar) -> None:
+    """An uncompressed shard: headers read once, then each run of written members copied as raw bytes (headers
+    and extended headers included), in the kernel where it can (copy_file_range)."""
+    with tarfile.open(tar, "r:") as archive:
+        members = archive.getmembers()
+    ranges: list[list[int]] = []
+    for member, chosen in _members_by_key(members, tar, choose, counts, written, bar):
+        if not chosen:
+            continue
+        end = member.offset_data + -(-member.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+        if ranges and ranges[-1][1] == member.offset:
+            ranges[-1][1] = end
+        else:
+            ranges.append([member.offset, end])
+    with open(tar, "rb") as src, open(tmp, "wb") as dst:
+        for start, end in ranges:
+            _copy_range(src, dst, start, end - start)
+        size = dst.tell() + 2 * tarfile.BLOCKSIZE  # end-of-archive: two zero blocks, padded to a whole record
+        dst.write(b"\0" * (2 * tarfile.BLOCKSIZE + (-size % tarfile.RECORDSIZE)))
+
+
+def _copy_range(src, dst, offset: int, length: int) -> None:
+    dst.flush()
+    while length > 0:
+        try:
+            done = os.copy_file_range(src.fileno(), dst.fileno(), length, offset)
+        except OSError:  # another filesystem, or no copy_file_range: copy through memory
+            done = 0
+        if done == 0:
+            src.seek(offset)
+            data = src.read(min(length, 1 << 24))
+            if not data:
+                raise EOFError(f"the shard ends before byte {offset + length}")
+            dst.write(data)
+            dst.flush()
+            done = len(data)
+        offset += done
+        length -= done
+
+
+def _filter_tar_stream(tar: Path, tmp: Path, choose: Choose, counts: Counts, written: set, bar) -> None:
+    """A compressed shard, streamed: written members re-packed with their own headers' fields."""
+    with open(tar, "rb") as src, tarfile.open(fileobj=src, mode="r|*") as archive, \
+            open(tmp, "wb") as raw, tarfile.open(fileobj=raw, mode="w|gz", format=tarfile.PAX_FORMAT) as dst:
+        for member, chosen in _members_by_key(archive, tar, choose, counts, written, bar):
+            if chosen:
+                dst.addfile(member, archive.extractfile(member))
 
 
 # ---- DataComp-style uid lists --------------------------------------------------------------------------
