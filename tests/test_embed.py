@@ -125,6 +125,25 @@ def test_csv_rows_metadata_skip_list_and_info(tmp_path):
     assert json.loads(info.stdout)["skipped"] == 4
 
 
+def test_csv_rows_that_are_not_utf8_are_skipped_naming_their_file_line(tmp_path):
+    """A caption in Latin-1 skips its row (not the file), and every skip names the file line where its row starts,
+    past a caption that spans two lines."""
+    csv = _write_csv_dataset(tmp_path / "data", 5, bad=False)
+    lines = csv.read_bytes().splitlines()
+    lines[2] = b'images/0001.jpg,"a caf\xe9 sign, seen",0'  # line 3: Latin-1
+    lines[3] = b'images/0002.jpg,"two lines\nof caption",0'  # lines 4-5
+    lines[4] = b"images/0003.png,,0"  # line 6: no caption
+    csv.write_bytes(b"\n".join(lines) + b"\n")
+    summary = _embed(csv, "--model", TINY_MODEL, "--out", tmp_path / "s.cfbd")
+    assert summary["rows_written"] == 3 and summary["skipped_by_reason"] == {"not UTF-8": 1, "no caption": 1}
+    with EmbeddingStore.open(tmp_path / "s.cfbd") as store:
+        skipped = store.skipped.to_pydict()
+        assert store.meta.column("caption").to_pylist()[1] == "two lines\nof caption"
+    assert skipped["reason"] == ["not UTF-8", "no caption"]
+    assert skipped["detail"] == [f"{csv} line 3: bytes that are not UTF-8; re-export the file as UTF-8",
+                                 f"{csv} line 6"]
+
+
 @pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
 def test_vectors_equal_open_clip_encode_with_a_local_checkpoint(tmp_path, tiny_reference, suffix):
     model, preprocess, tokenizer = tiny_reference

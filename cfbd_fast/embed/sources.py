@@ -138,9 +138,17 @@ def _parse_bool(value: str | None, where: str) -> bool | None:
 
 def _open_table(path: Path):
     csv.field_size_limit(min(sys.maxsize, 1 << 30))
-    fh = open(path, newline="", encoding="utf-8-sig")
+    # bytes that are not UTF-8 are kept as lone surrogates, so that one bad row is skipped, not the file refused
+    fh = open(path, newline="", encoding="utf-8-sig", errors="surrogateescape")
     delimiter = _TABLE_SUFFIXES.get(path.suffix.lower(), "\t")
     return fh, csv.reader(fh, delimiter=delimiter)
+
+
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of bytes that are not UTF-8
+
+
+def _not_utf8(values) -> bool:
+    return any(_NOT_UTF8.search(v) for v in values)
 
 
 def _looks_like_url(value: str) -> bool:
@@ -151,9 +159,9 @@ def _table_rows(path: Path, text: str, reader) -> Iterator[list[str]]:
     """The reader's rows, with malformed content turned into a one-line InputError naming the line."""
     try:
         yield from reader
-    except (csv.Error, UnicodeDecodeError) as exc:
+    except csv.Error as exc:
         where = f"{text} line {reader.line_num + 1}" if reader.line_num else text
-        raise InputError(f"{where}: not a readable UTF-8 table ({exc}); fix or re-export the file") from None
+        raise InputError(f"{where}: not a readable table ({exc}); fix or re-export the file") from None
 
 
 def _table(path: Path, text: str, image_column: str, caption_column: str) -> Source:
@@ -164,6 +172,8 @@ def _table(path: Path, text: str, image_column: str, caption_column: str) -> Sou
         if header is None:
             raise InputError(f"{text}: empty file; expected a header line with {image_column!r} and "
                              f"{caption_column!r} columns")
+        if _not_utf8(header):
+            raise InputError(f"{text} line 1: the header is not UTF-8; re-export the file as UTF-8")
         rows = sum(1 for _ in rows)
     columns = [c.strip() for c in header]
     if image_column not in columns:
@@ -187,10 +197,15 @@ def _table(path: Path, text: str, image_column: str, caption_column: str) -> Sou
         with fh:
             rows = _table_rows(path, text, reader)
             next(rows, None)
-            for line, row in enumerate(rows):
-                if line < start:
+            first = reader.line_num + 1  # the file line where the next row starts (a quoted field may span lines)
+            for position, row in enumerate(rows):
+                where, first = f"{text} line {first}", reader.line_num + 1
+                if position < start:
                     continue
-                where = f"{text} row {line + 2}"
+                if _not_utf8(row):
+                    yield Sample(None, None, None, skip=("not UTF-8", f"{where}: bytes that are not UTF-8; re-export "
+                                                                      "the file as UTF-8"))
+                    continue
                 image = row[image_at].strip() if image_at < len(row) else ""
                 caption = row[caption_at] if caption_at < len(row) else None
                 poisoned = _parse_bool(row[poison_at] if poison_at < len(row) else None, where) \
