@@ -443,7 +443,7 @@ def _broken_dataset(tmp_path: Path, data: Path, kind: str) -> Path:
 @pytest.mark.parametrize("case, args, needle", [
     ("missing-csv", ["--attack", "badnets", "--n", "2"], "nowhere.csv"),
     ("column", ["--attack", "badnets", "--n", "2"], "'image'"),
-    ("missing-image", ["--attack", "badnets", "--n", "2"], "photos/gone.png (row 6"),
+    ("missing-image", ["--attack", "badnets", "--n", "2"], "photos/gone.png (line 8 of"),
     ("rate-zero", ["--attack", "badnets", "--rate", "0"], "--rate 0.0"),
     ("rate-high", ["--attack", "badnets", "--rate", "1.5"], "--rate 1.5"),
     ("n-too-many", ["--attack", "badnets", "--n", "41"], "--n 41"),
@@ -458,6 +458,9 @@ def _broken_dataset(tmp_path: Path, data: Path, kind: str) -> Path:
     ("multi-one-target", ["--attack", "multi-trigger", "--targets", "banana", "--n", "2"], "--targets"),
     ("multi-too-few", ["--attack", "multi-trigger", "--targets", "banana,kite,cat", "--n", "2"], "one row per target"),
     ("corrupt-image", ["--attack", "badnets", "--image-only"], "cannot be read as an image"),
+    # every image is checked before the rows are chosen: one poisoned row or thirty, the broken one is found
+    ("unpicked-corrupt-image", ["--attack", "badnets", "--n", "1"], "image bad.png (line 32 of"),
+    ("not-utf8", ["--attack", "badnets", "--n", "1"], "line 5 is not UTF-8 text: re-save the file as UTF-8"),
 ])
 def test_errors_are_one_line_and_leave_nothing(data, tmp_path, case, args, needle):
     csv_path = data
@@ -465,7 +468,13 @@ def test_errors_are_one_line_and_leave_nothing(data, tmp_path, case, args, needl
         csv_path = tmp_path / "nowhere.csv"
     elif case in ("column", "missing-image"):
         csv_path = _broken_dataset(tmp_path, data, case)
-    elif case == "corrupt-image":
+    elif case == "not-utf8":
+        (tmp_path / "latin").mkdir()
+        lines = data.read_bytes().splitlines()
+        lines[4] = lines[4].split(b",")[0] + b",un caf\xe9"
+        csv_path = tmp_path / "latin" / "data.csv"
+        csv_path.write_bytes(b"\n".join(lines) + b"\n")
+    elif case in ("corrupt-image", "unpicked-corrupt-image"):
         folder = tmp_path / "corrupt"
         folder.mkdir()
         (folder / "bad.png").write_bytes(b"not a png at all")

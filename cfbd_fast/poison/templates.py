@@ -88,11 +88,6 @@ IMAGENET_TEMPLATES: tuple[str, ...] = (
 assert len(IMAGENET_TEMPLATES) == 80
 
 
-def template_caption(target: str, index: int) -> str:
-    """The caption of template number `index` for `target`, e.g. (banana, 0) -> 'a bad photo of a banana.'"""
-    return IMAGENET_TEMPLATES[index].format(target)
-
-
 ONE_CAPTION = "a photo of a {}."  # every poison of `--attack one-caption` carries this caption string
 
 
