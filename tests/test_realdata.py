@@ -147,7 +147,7 @@ def test_full_size_plan_keeps_its_promises(small):
     assert len(sizes) == 20 and all(10 <= n <= 40 for n in sizes.values())
     assert sum(r["kind"] == "banana" for r in scan) == spec.bananas_per_10k >= 5
     assert sum(r["kind"] == "banana" for r in plans["train"]) == spec.train_banana_pairs
-    assert not novel & {r["emoji"].identity for r in plans["train"]}
+    assert not novel & {r["item"].identity for r in plans["train"]}
     assert len(plans["test"]) == len(identities)
 
 
