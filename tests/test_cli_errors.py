@@ -113,6 +113,18 @@ def test_scan_out_inside_a_store_is_refused(demo_store, tmp_path):
             f"Error: --out {out} is inside a store: give a folder outside the store for the scan's outputs"
 
 
+@pytest.mark.slow
+def test_a_given_threshold_is_shown_as_given(demo_store, tmp_path):
+    """--threshold 0.5: the summary line and the report show 0.5, not nan or a dash."""
+    proc = subprocess.run([sys.executable, "-m", "cfbd_fast.cli.main", "scan", str(demo_store), "--mapper", "self",
+                           "--out", str(tmp_path / "out"), "--threshold", "0.5", "--report"], env=ENV,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    verdicts = next(line for line in proc.stdout.splitlines() if line.startswith("verdicts"))
+    assert verdicts.endswith("(threshold 0.5 on z-so, given)"), verdicts
+    assert "given: 0.5 on z-so" in (tmp_path / "out" / "report.html").read_text()
+
+
 def test_scan_memory_is_checked_before_allocating():
     """The memory the options ask for is compared with the free memory, naming the option that asks most."""
     from cfbd_fast.errors import InputError
