@@ -254,3 +254,24 @@ def test_sigkilled_filter_resumes_to_the_same_bytes(tmp_path):
     assert resumed == whole and len(whole) == 24
     final = json.loads(manifest.read_text())
     assert final["complete"] and final["totals"] == json.loads((tmp_path / "whole" / "filter.json").read_text())["totals"]
+
+
+@pytest.mark.parametrize("tar_format", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT])
+def test_header_reader_agrees_with_tarfile(tmp_path, tar_format):
+    from cfbd_fast.embed.sources import _WDS_MEMBER as embed_rule
+    from cfbd_fast.filter.formats import _WDS_MEMBER, _tar_members
+
+    assert _WDS_MEMBER.pattern == embed_rule.pattern  # keys named as embed names them
+    long_dir = "d" * 90 if tar_format == tarfile.USTAR_FORMAT else "deep/" + "x" * 150
+    with tarfile.open(tmp_path / "s.tar", "w", format=tar_format) as tar:
+        for i in range(20):
+            data = _payload(str(i), size=100 * i)
+            info = tarfile.TarInfo(f"{long_dir}/k{i:03d}.{'jpg' if i % 2 else 'txt'}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        folder = tarfile.TarInfo("a-folder")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)
+    with tarfile.open(tmp_path / "s.tar") as tar:
+        want = [(m.name, m.offset, m.offset_data, m.size, m.isfile()) for m in tar.getmembers()]
+    assert [tuple(m) for m in _tar_members(tmp_path / "s.tar")] == want

@@ -7,18 +7,21 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import shutil
 import sys
 import tarfile
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 
-from ..embed.sources import _WDS_MEMBER
 from ..errors import InputError
 from .output import FilterOutput, link_or_copy
 
+# webdataset's rule, as `cfbd-fast embed` reads shards (embed/sources.py, not imported: it brings torch): the key
+# is the member path up to the first dot of its file name
+_WDS_MEMBER = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
 # choose(key, where) -> whether the row is written; raises InputError for a key the scan does not know (unless
 # told to keep those); choose.unknown says whether the last key was one
 Choose = Callable[[str | None, str], bool]
@@ -192,11 +195,81 @@ def _members_by_key(members, tar: Path, choose: Choose, counts: Counts, written:
         yield member, chosen
 
 
+class _Member(NamedTuple):
+    name: str
+    offset: int  # first header block (extended headers included)
+    offset_data: int
+    size: int
+    regular: bool
+
+    def isfile(self) -> bool:
+        return self.regular
+
+
+def _octal(field: bytes) -> int:
+    if field[:1] == b"\x80":  # GNU base-256 for sizes of 8 GiB and more
+        return int.from_bytes(field[1:], "big")
+    text = field.split(b"\0", 1)[0].strip()
+    return int(text, 8) if text else 0
+
+
+def _tar_members(path: Path) -> list[_Member]:
+    """The members of an uncompressed tar from its headers alone (ustar, GNU long names, pax path and size):
+    a seek and a 512-byte read per member. Raises tarfile.ReadError on a header it cannot read."""
+    members, pending, extended_at = [], {}, None
+    with open(path, "rb") as fh:
+        offset = 0
+        while True:
+            fh.seek(offset)
+            header = fh.read(tarfile.BLOCKSIZE)
+            if len(header) < tarfile.BLOCKSIZE or header == b"\0" * tarfile.BLOCKSIZE:
+                return members
+            if _octal(header[148:156]) != sum(header[:148]) + 256 + sum(header[156:]):
+                raise tarfile.ReadError(f"bad header checksum at byte {offset}")
+            kind, size = header[156:157], _octal(header[124:136])
+            data = offset + tarfile.BLOCKSIZE
+            if kind in (b"x", b"L"):  # extended header of the next member: its bytes travel with it
+                body = fh.read(size)
+                if kind == b"L":
+                    pending["path"] = body.rstrip(b"\0").decode("utf-8", "surrogateescape")
+                else:
+                    pending.update(_pax_records(body))
+                extended_at = offset if extended_at is None else extended_at
+            elif kind != b"g":  # a global pax header belongs to no member
+                name = pending.get("path")
+                if name is None:
+                    raw = header[:100].split(b"\0", 1)[0]
+                    if header[257:262] == b"ustar" and header[345:346] != b"\0":
+                        raw = header[345:500].split(b"\0", 1)[0] + b"/" + raw
+                    name = raw.decode("utf-8", "surrogateescape")
+                size = int(pending.get("size", size))
+                first = offset if extended_at is None else extended_at
+                name = name.rstrip("/") if kind == b"5" else name  # a folder, named as tarfile names it
+                members.append(_Member(name, first, data, size, kind in (b"0", b"\0", b"7")))
+                pending, extended_at = {}, None
+            offset = data + -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+
+
+def _pax_records(body: bytes) -> dict:
+    """path and size of a pax extended header ("LEN key=value\n" records)."""
+    out, at = {}, 0
+    while at < len(body) and body[at:at + 1] != b"\0":
+        length = int(body[at:body.index(b" ", at)])
+        key, _, value = body[body.index(b" ", at) + 1:at + length - 1].partition(b"=")
+        if key in (b"path", b"size"):
+            out[key.decode()] = value.decode("utf-8", "surrogateescape")
+        at += length
+    return out
+
+
 def _filter_tar_ranges(tar: Path, tmp: Path, choose: Choose, counts: Counts, written: set, bar) -> None:
     """An uncompressed shard: headers read once, then each run of written members copied as raw bytes (headers
     and extended headers included), in the kernel where it can (copy_file_range)."""
-    with tarfile.open(tar, "r:") as archive:
-        members = archive.getmembers()
+    try:
+        members = _tar_members(tar)
+    except (tarfile.ReadError, ValueError):  # a header the fast reader does not know: tarfile reads them all
+        with tarfile.open(tar, "r:") as archive:
+            members = archive.getmembers()
     ranges: list[list[int]] = []
     for member, chosen in _members_by_key(members, tar, choose, counts, written, bar):
         if not chosen:
