@@ -118,7 +118,8 @@ def notes(rows: list[dict]) -> list[str]:
         if fails(r):
             out.append(f"cfbd below the bar: {tag}: tp {r['tp']}, fp {r['fp']}, tpr {fmt(r['tpr'])}")
         s = simple.get(r["case"])
-        if s is not None and ((s["tp"] > r["tp"] and s["fp"] <= r["fp"]) or (s["fp"] < r["fp"] and s["tp"] >= r["tp"])):
+        caught = s is not None and (s["tp"] > 0 or r["case"] in CLEAN_CASES)  # both missing everything: no win
+        if caught and ((s["tp"] > r["tp"] and s["fp"] <= r["fp"]) or (s["fp"] < r["fp"] and s["tp"] >= r["tp"])):
             out.append(f"simple beats cfbd: {tag}: simple tp {s['tp']} fp {s['fp']}, cfbd tp {r['tp']} fp {r['fp']}")
     return out
 
