@@ -6,6 +6,7 @@ Each writer streams one input shard into a temporary output and returns its coun
 from __future__ import annotations
 
 import csv
+import mmap
 import os
 import re
 import shutil
@@ -214,22 +215,25 @@ def _octal(field: bytes) -> int:
 
 
 def _tar_members(path: Path) -> list[_Member]:
-    """The members of an uncompressed tar from its headers alone (ustar, GNU long names, pax path and size):
-    a seek and a 512-byte read per member. Raises tarfile.ReadError on a header it cannot read."""
+    """The members of an uncompressed tar from its headers alone (ustar, GNU long names, pax path and size),
+    read through a memory map. Raises tarfile.ReadError on a header it does not know (the caller then asks
+    tarfile)."""
     members, pending, extended_at = [], {}, None
-    with open(path, "rb") as fh:
-        offset = 0
+    empty = b"\0" * tarfile.BLOCKSIZE
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as view:
+        offset, end = 0, len(view)
         while True:
-            fh.seek(offset)
-            header = fh.read(tarfile.BLOCKSIZE)
-            if len(header) < tarfile.BLOCKSIZE or header == b"\0" * tarfile.BLOCKSIZE:
+            header = view[offset:offset + tarfile.BLOCKSIZE]
+            if len(header) < tarfile.BLOCKSIZE or header == empty:
                 return members
-            if _octal(header[148:156]) != sum(header[:148]) + 256 + sum(header[156:]):
-                raise tarfile.ReadError(f"bad header checksum at byte {offset}")
+            if header[257:262] != b"ustar":  # ustar, GNU and pax headers carry it; older tars go to tarfile
+                raise tarfile.ReadError(f"no ustar header at byte {offset}")
             kind, size = header[156:157], _octal(header[124:136])
             data = offset + tarfile.BLOCKSIZE
+            if data + size > end:
+                raise tarfile.ReadError(f"the member at byte {offset} runs past the end of the file")
             if kind in (b"x", b"L"):  # extended header of the next member: its bytes travel with it
-                body = fh.read(size)
+                body = view[data:data + size]
                 if kind == b"L":
                     pending["path"] = body.rstrip(b"\0").decode("utf-8", "surrogateescape")
                 else:
@@ -239,7 +243,7 @@ def _tar_members(path: Path) -> list[_Member]:
                 name = pending.get("path")
                 if name is None:
                     raw = header[:100].split(b"\0", 1)[0]
-                    if header[257:262] == b"ustar" and header[345:346] != b"\0":
+                    if header[257:263] == b"ustar\0" and header[345:346] != b"\0":  # POSIX prefix field
                         raw = header[345:500].split(b"\0", 1)[0] + b"/" + raw
                     name = raw.decode("utf-8", "surrogateescape")
                 size = int(pending.get("size", size))
