@@ -25,6 +25,7 @@ SPLIT_SHARE = 0.25  # a caption string that makes up a quarter of a cluster is s
 ONE_CAPTION_SHARE = 0.5  # a cluster at least half of which is one caption string is a one-caption group
 DUPLICATE_IMAGES = 0.5  # relative image coherence of a duplicate family (near-identical images)
 INCONSISTENT_TAIL = 0.05  # a row is inconsistent when its c is in the top 5% of all valid rows' c
+MIN_REFERENCE = 3  # clusters the set-level test compares a cluster with
 GROUNDING_DRAWS = 200  # random captions whose grounding is the reference for a one-caption group's
 GROUNDING_LEVEL = 0.5  # grounded: described some image at least as well as the median random caption does
 
@@ -198,23 +199,64 @@ def _lgamma(x: np.ndarray) -> np.ndarray:
     return torch.lgamma(torch.from_numpy(x)).numpy()
 
 
-def _normal_sf(t: float) -> float:
-    return 0.5 * math.erfc(t / math.sqrt(2.0))
+def _incomplete_beta(a: float, b: float, x: float) -> float:
+    """The regularised incomplete beta function I_x(a, b), by its continued fraction (Lentz's method)."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    if x > (a + 1.0) / (a + b + 2.0):
+        return 1.0 - _incomplete_beta(b, a, 1.0 - x)
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)) / a
+    tiny = 1e-300
+    f, c, d = 1.0, 1.0, 0.0
+    for i in range(400):
+        m = i // 2
+        if i == 0:
+            num = 1.0
+        elif i % 2 == 0:
+            num = m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m))
+        else:
+            num = -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))
+        d = 1.0 + num * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + num / c
+        c = c if abs(c) > tiny else tiny
+        f *= c * d
+        if abs(1.0 - c * d) < 1e-12:
+            break
+    return front * (f - 1.0)
 
 
-def inconsistency_test(members: np.ndarray, inconsistent: np.ndarray, alpha: float) -> list[dict]:
+def student_t_sf(t: float, df: int) -> float:
+    """P(T >= t) for Student's t with `df` degrees of freedom."""
+    if not math.isfinite(t):
+        return 0.0 if t > 0 else 1.0
+    tail = 0.5 * _incomplete_beta(df / 2.0, 0.5, df / (df + t * t))
+    return tail if t > 0 else 1.0 - tail
+
+
+def inconsistency_test(members: np.ndarray, inconsistent: np.ndarray, alpha: float,
+                       significant_rows: np.ndarray | None = None, min_rows: int = 10) -> list[dict]:
     """Which clusters are backdoors: those whose members are inconsistent with their images far more often than
     the members of the data's other caption clusters are.
 
     `members[k]`: how many valid rows belong to cluster k (their caption's correlation with its seeds reaches
-    `link_cosine`); `inconsistent[k]`: how many of them have c in the top `INCONSISTENT_TAIL` of all rows. The
-    reference share is the median share of the other clusters (at least `INCONSISTENT_TAIL`, the share of a
-    caption unrelated to consistency); their spread around it is the between-cluster spread. A cluster is a
-    backdoor when both its one-sided binomial p-value against the reference share (chance, at its size) and its
-    p-value against the reference share and spread together (the way clusters differ, at any size) are at most
-    alpha / K, K the number of clusters tested: the chance that any genuine cluster is called a backdoor is at
-    most alpha, as far as the other clusters stand for genuine ones. Neither p-value needs more rows for the
-    same effect as the dataset grows.
+    `link_cosine`); `inconsistent[k]`: how many of them have c in the top `INCONSISTENT_TAIL` of all rows. Two
+    one-sided p-values, and a cluster is a backdoor when both are at most alpha / K (K clusters tested):
+    - chance: its count against Binomial(members, reference), the reference share being the median of the other
+      clusters' shares and at least `INCONSISTENT_TAIL` (the share of a caption unrelated to consistency);
+    - spread: its share against the other clusters' shares as a new draw from them (Student's t prediction
+      interval from their mean and standard deviation on the arcsine-square-root scale, which makes a share's
+      noise independent of its size and its spread nearly symmetric), so that genuine clusters, which differ in how
+      hard their concept is for the mapper, are not called backdoors however many rows they have.
+    The clusters were formed from the rows with the largest c, so their members are inconsistent more often than
+    random rows by selection; the other clusters, formed the same way, are the reference that accounts for it. With
+    fewer than `MIN_REFERENCE` of them there is no reference, and a cluster is called a backdoor only by the chance
+    row-level family-wise rule instead: at least `min_rows` of its rows significant at alpha after Bonferroni over
+    every row and cluster (`significant_rows[k]`), whose power falls as the dataset grows (p_value is then NaN). The chance that any genuine cluster is called a
+    backdoor is then about alpha, as far as the other clusters stand for genuine ones; neither p-value needs more
+    rows for the same effect as the dataset grows.
     """
     members = np.asarray(members, dtype=np.int64)
     inconsistent = np.asarray(inconsistent, dtype=np.int64)
@@ -224,27 +266,34 @@ def inconsistency_test(members: np.ndarray, inconsistent: np.ndarray, alpha: flo
     for k in range(k_tested):
         others = np.delete(share, k)[np.delete(members, k) > 0]
         reference = max(INCONSISTENT_TAIL, float(np.median(others))) if len(others) else INCONSISTENT_TAIL
-        spread = 0.0
-        if len(others) >= 3:
-            robust_var = (1.4826 * float(np.median(np.abs(others - np.median(others))))) ** 2
-            chance_var = float(np.mean(reference * (1 - reference) / np.delete(members, k)[np.delete(members, k) > 0]))
-            spread = math.sqrt(max(0.0, robust_var - chance_var))
         n, x = int(members[k]), int(inconsistent[k])
         p_chance = binomial_sf(x, n, reference)
-        se = math.sqrt(spread ** 2 + reference * (1 - reference) / max(n, 1))
-        t = (share[k] - reference) / se if n else float("nan")
-        p_spread = _normal_sf(t) if n else 1.0
-        p = max(p_chance, p_spread)
+        if len(others) >= MIN_REFERENCE:  # on the arcsine-square-root scale, where a share's noise does not depend on it
+            stable = np.arcsin(np.sqrt(others))
+            spread = max(float(np.std(stable, ddof=1)), 1e-6)
+            t = (math.asin(math.sqrt(share[k])) - float(np.mean(stable))) / (spread * math.sqrt(1.0 + 1.0 / len(others)))
+            p_spread = student_t_sf(t, len(others) - 1)
+        else:  # too few clusters to measure how genuine ones differ: the row-level family-wise rule instead
+            rows_ok = significant_rows is not None and int(significant_rows[k]) >= min_rows
+            spread, t, p_spread = float("nan"), float("nan"), float("nan")
+        p = (max(p_chance, p_spread) if n else 1.0) if len(others) >= MIN_REFERENCE else float("nan")
+        called = bool(p <= alpha / k_tested) if len(others) >= MIN_REFERENCE else rows_ok
         out.append({"members": n, "inconsistent": x, "inconsistent_share": float(share[k]),
-                    "reference_share": reference, "between_cluster_spread": spread, "inconsistency_t": float(t),
+                    "significant_rows": None if significant_rows is None else int(significant_rows[k]),
+                    "reference_share": reference, "clusters_spread": spread, "spread_t": float(t),
                     "p_chance": p_chance, "p_spread": p_spread, "p_value": p, "level": alpha / k_tested,
-                    "backdoor": bool(p <= alpha / k_tested)})
+                    "backdoor": called})
     return out
 
 
 def verdict_reason(test: dict) -> str:
     """One sentence for a cluster's verdict."""
     share, ref = test["inconsistent_share"], test["reference_share"]
+    if not math.isfinite(test["clusters_spread"]):
+        return (f"{share:.0%} of its {test['members']} rows are inconsistent with their images; fewer than "
+                f"{MIN_REFERENCE} other caption clusters to compare it with, so the row-level rule decides: "
+                f"{test['significant_rows']} rows significant after Bonferroni over every row "
+                f"({'a backdoor' if test['backdoor'] else 'not a backdoor'})")
     if test["backdoor"]:
         return (f"{test['inconsistent']} of its {test['members']} rows ({share:.0%}) are inconsistent with their "
                 f"images, against {ref:.0%} for the data's caption clusters (p {test['p_value']:.1e})")

@@ -84,7 +84,7 @@ def c_location(s: Scores, steps: GlobalSteps) -> tuple[float, float]:
 
 
 def _significant(scores: np.ndarray, valid: np.ndarray, tested: np.ndarray, cfg: ScanConfig,
-                 steps: GlobalSteps) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+                 steps: GlobalSteps, method: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
     """Which rows are significant for which of the score columns: (reject, best column, p-value, cut info).
 
     With `fdr`/`fwer`, each column gets p-values under its own robust null; a row's p-value is its smallest,
@@ -94,7 +94,7 @@ def _significant(scores: np.ndarray, valid: np.ndarray, tested: np.ndarray, cfg:
     """
     n, k = scores.shape
     rows = np.arange(n)
-    method = cfg.threshold_method
+    method = method or cfg.threshold_method
     if method in ("fdr", "fwer") and cfg.threshold is None:
         pvals, nulls = zip(*(steps.null_pvalues(scores[:, j], valid) for j in range(k)))
         pvals = np.stack(pvals, axis=1)
@@ -148,7 +148,11 @@ def clusters_verdict(s: Scores, found: list, z: np.ndarray, ref: Reference, cfg:
     tested = valid & (s.subset != BENIGN)
     link = cfbd.link_cosine(ref.caption_coherence)
     members, bad, c_cut = _inconsistency(s, z, link, steps)
-    tests = cfbd.inconsistency_test(members, bad, cfg.alpha)
+    # every row against every cluster, family-wise (the p-values of the report, and the rule without a reference)
+    reject_fw, best_fw, p_all, cut_all = _significant(scores, valid, tested, cfg, steps,
+                                                      "fwer" if cfg.threshold_method in ("fdr", "fwer") else None)
+    significant = np.array([steps.count(reject_fw & (best_fw == k)) for k in range(n_clusters)], dtype=np.int64)
+    tests = cfbd.inconsistency_test(members, bad, cfg.alpha, significant, min_rows=cfg.min_cluster)
     backdoor = np.array([t["backdoor"] for t in tests], dtype=bool)
     first_captions = steps.captions([cl.rows[0] for cl in found])
     report = []
@@ -160,11 +164,11 @@ def clusters_verdict(s: Scores, found: list, z: np.ndarray, ref: Reference, cfg:
                        "seed_rows": cluster.seed_rows(cfg.seed_set_size).tolist(), **cluster.stats, **test,
                        "reason": cfbd.verdict_reason(test)})
     accepted = np.flatnonzero(backdoor)
-    columns = accepted if len(accepted) else np.arange(n_clusters)  # every cluster: p-values for the report
-    reject, best, p, cut = _significant(scores[:, columns], valid, tested, cfg, steps)
-    cut["null_clusters"] = columns.tolist()  # the cluster each of cut's nulls (or estimates) belongs to
-    best = columns[best]
-    if len(accepted):
+    best, p, cut = best_fw, p_all, {**cut_all, "null_clusters": list(range(n_clusters))}
+    if len(accepted):  # the rows again, against the backdoor clusters alone, under --fdr (or --alpha)
+        reject, best_accepted, p, cut = _significant(scores[:, accepted], valid, tested, cfg, steps)
+        cut["null_clusters"] = accepted.tolist()  # the cluster each of cut's nulls (or estimates) belongs to
+        best = accepted[best_accepted]
         s.seed_rows = np.concatenate([found[k].seed_rows(cfg.seed_set_size) for k in accepted])
         s.verdict[reject] = V_POISONED
     s.p_value = p

@@ -1,0 +1,90 @@
+"""The cfbd verdict's rules (detect/cfbd.py): the set-level cluster test's error rate under a null, its power at
+every dataset size, its distributions against scipy, and grounding on boilerplate."""
+import numpy as np
+import pytest
+from scipy import stats
+
+from cfbd_fast.detect import cfbd
+
+
+def _any_call(members, inconsistent, alpha=0.05) -> bool:
+    return any(t["backdoor"] for t in cfbd.inconsistency_test(members, inconsistent, alpha))
+
+
+@pytest.mark.parametrize("sizes", [(20, 200), (200, 5000), (20_000, 200_000)], ids=["small", "mid", "large"])
+def test_clusters_of_random_rows_are_called_backdoors_at_most_alpha_of_the_time(sizes):
+    """Clusters whose members are random rows: each member is inconsistent with the tail's probability. The
+    chance of any backdoor call among 8 clusters must stay at most alpha (here 0.05, with the simulation's error)."""
+    rng = np.random.default_rng(0)
+    reps, calls = 400, 0
+    for _ in range(reps):
+        members = rng.integers(*sizes, size=8)
+        calls += _any_call(members, rng.binomial(members, cfbd.INCONSISTENT_TAIL))
+    assert calls / reps <= 0.05 + 2.5 * np.sqrt(0.05 * 0.95 / reps), calls / reps
+
+
+def test_genuine_clusters_that_differ_mildly_are_not_called_at_any_size():
+    """Genuine clusters differ in how hard their concept is (their shares vary by 30% around 5%); a large dataset
+    must not turn that spread into backdoor calls."""
+    rng = np.random.default_rng(1)
+    reps, calls = 300, 0
+    for _ in range(reps):
+        members = rng.integers(10_000, 100_000, size=8)
+        share = rng.gamma(shape=1 / 0.3 ** 2, scale=0.05 * 0.3 ** 2, size=8)
+        calls += _any_call(members, rng.binomial(members, np.clip(share, 0, 1)))
+    assert calls / reps <= 0.08, calls / reps
+
+
+@pytest.mark.parametrize("members", [30, 300, 30_000])
+def test_a_backdoor_cluster_is_found_at_every_size(members):
+    """A cluster a third of whose members are inconsistent, among 7 genuine ones: found at 30 members as at
+    30,000 (the test's power does not fall as the dataset grows)."""
+    rng = np.random.default_rng(2)
+    found = 0
+    for _ in range(50):
+        n = np.concatenate([[members], rng.integers(50, 2000, size=7)])
+        x = rng.binomial(n, np.concatenate([[0.33], np.full(7, 0.05)]))
+        tests = cfbd.inconsistency_test(n, x, 0.05)
+        found += tests[0]["backdoor"] and not any(t["backdoor"] for t in tests[1:])
+    assert found >= 45, found
+
+
+def test_the_test_reports_its_inputs_and_level():
+    tests = cfbd.inconsistency_test([100, 80, 120, 90], [40, 4, 6, 3], alpha=0.05)
+    assert [t["backdoor"] for t in tests] == [True, False, False, False]
+    assert tests[0]["members"] == 100 and tests[0]["inconsistent"] == 40 and tests[0]["level"] == 0.05 / 4
+    assert tests[0]["p_value"] == max(tests[0]["p_chance"], tests[0]["p_spread"])
+
+
+@pytest.mark.parametrize("x,n,p", [(10, 27, 0.05), (4, 22, 0.05), (54, 131, 0.05), (1, 5, 0.1), (300, 100_000, 0.002),
+                                   (0, 10, 0.3), (11, 10, 0.3)])
+def test_binomial_tail_equals_scipy(x, n, p):
+    assert cfbd.binomial_sf(x, n, p) == pytest.approx(stats.binom.sf(x - 1, n, p), rel=1e-9, abs=1e-300)
+
+
+@pytest.mark.parametrize("t,df", [(2.0, 6), (3.7, 6), (-1.0, 3), (10.0, 2), (0.5, 30), (0.0, 5), (40.0, 7)])
+def test_student_t_tail_equals_scipy(t, df):
+    assert cfbd.student_t_sf(t, df) == pytest.approx(stats.t.sf(t, df), rel=1e-9, abs=1e-300)
+
+
+def test_grounding_tells_a_target_caption_from_boilerplate():
+    """Generated captions F(I) of a sample: concepts with a few images each. A caption naming one of the concepts
+    describes some image (grounded); a caption that is none of them (boilerplate) describes none."""
+    rng = np.random.default_rng(4)
+    concepts = rng.normal(size=(300, 64))
+    which = rng.integers(0, 300, size=3000)
+    captions = concepts[which] + 0.6 * rng.normal(size=(3000, 64))
+    generated = concepts[which] + 0.6 * rng.normal(size=(3000, 64))
+    reference = cfbd.grounding_reference(captions, generated, rng)
+    _, target_share = cfbd.grounding(concepts[7], reference)
+    _, boilerplate_share = cfbd.grounding(rng.normal(size=64), reference)
+    assert target_share <= cfbd.GROUNDING_LEVEL < boilerplate_share
+
+
+def test_split_one_caption_groups_takes_arrays():
+    rng = np.random.default_rng(5)
+    boiler = rng.normal(size=32)
+    pool_rows = np.arange(100, 130)
+    pool_captions = np.vstack([np.tile(boiler, (12, 1)), boiler + 0.8 * rng.normal(size=(18, 32))])
+    out = cfbd.split_one_caption_groups([cfbd.Cluster(rows=pool_rows)], pool_rows, pool_captions, min_members=10)
+    assert [len(c.rows) for c in out] == [12, 18] and set(out[0].rows) == set(range(100, 112))
