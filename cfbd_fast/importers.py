@@ -71,7 +71,7 @@ def _write_new_store(out: str | os.PathLike, *args, **kwargs) -> EmbeddingStore:
     out.mkdir(parents=True, exist_ok=True)
     with writer_lock(out, "store"):  # held through the clean-up, so a failed import never removes another's store
         try:
-            return write_batches(out, *args, **kwargs)
+            return write_batches(EmbeddingStore, out, *args, **kwargs)
         except BaseException:
             if not existed:
                 shutil.rmtree(out, ignore_errors=True)

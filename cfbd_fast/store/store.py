@@ -140,7 +140,7 @@ class EmbeddingStore:
         batches = ((s, e, None if table is None else table.slice(s, e - s)) for s, e in ranges)
         from .writing import write_batches
 
-        return write_batches(path, arrays, batches, rows=rows, dtype=dtype, model=model, pretrained=pretrained,
+        return write_batches(cls, path, arrays, batches, rows=rows, dtype=dtype, model=model, pretrained=pretrained,
                              normalized=normalized, progress=progress)
 
     # ---- properties ------------------------------------------------------------------------------------

@@ -9,16 +9,15 @@ import numpy as np
 from ..errors import InputError
 from ..progress import progress_bar
 from .record import DTYPE_CODES, dtype_name
-from .store import EmbeddingStore
 
 _NORM_TOLERANCE = 1e-2  # |norm - 1| allowed for rows to count as L2-normalised (fp16 rounding is ~1e-3)
 
 
-def write_batches(path: str | os.PathLike, arrays: Mapping[str, Any], batches: Iterator[tuple], rows: int,
-                  dtype: Any = None, model: str | None = None, pretrained: str | None = None,
-                  normalized: bool | None = None, progress: bool = False,
-                  description: str = "writing store") -> EmbeddingStore:
-    """Create a store from row-aligned sources, appending `(start, stop, meta_table_or_None)` batches in order.
+def write_batches(store_class, path: str | os.PathLike, arrays: Mapping[str, Any], batches: Iterator[tuple],
+                  rows: int, dtype: Any = None, model: str | None = None, pretrained: str | None = None,
+                  normalized: bool | None = None, progress: bool = False, description: str = "writing store"):
+    """Create a store (`store_class`: EmbeddingStore) from row-aligned sources, appending `(start, stop,
+    meta_table_or_None)` batches in order.
 
     Only one batch of each matrix is in memory at a time. Returns the finished store opened read-only.
     """
@@ -33,7 +32,7 @@ def write_batches(path: str | os.PathLike, arrays: Mapping[str, Any], batches: I
         dtype = dtype_name(first.dtype) if np.dtype(first.dtype).name in DTYPE_CODES else "float32"
     check_norms = normalized is None
     all_unit = True
-    store = EmbeddingStore.create(path, dim=int(first.shape[1]), dtype=dtype, model=model, pretrained=pretrained,
+    store = store_class.create(path, dim=int(first.shape[1]), dtype=dtype, model=model, pretrained=pretrained,
                                   normalized=bool(normalized), matrices=tuple(arrays))
     with store, progress_bar(description, total=rows, enabled=progress) as bar:
         for start, stop, table in batches:
@@ -46,7 +45,7 @@ def write_batches(path: str | os.PathLike, arrays: Mapping[str, Any], batches: I
             raise InputError(f"the sources yielded {len(store)} rows, expected {rows}")
         if check_norms and all_unit and rows > 0:
             store._set_record_fields(normalized=True)
-    return EmbeddingStore.open(path)
+    return store_class.open(path)
 
 
 def _rows_have_unit_norm(batch: np.ndarray, block_rows: int = 8192) -> bool:
