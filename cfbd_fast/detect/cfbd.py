@@ -251,12 +251,12 @@ def inconsistency_test(members: np.ndarray, inconsistent: np.ndarray, alpha: flo
       noise independent of its size and its spread nearly symmetric), so that genuine clusters, which differ in how
       hard their concept is for the mapper, are not called backdoors however many rows they have.
     The clusters were formed from the rows with the largest c, so their members are inconsistent more often than
-    random rows by selection; the other clusters, formed the same way, are the reference that accounts for it. With
-    fewer than `MIN_REFERENCE` of them there is no reference, and a cluster is called a backdoor only by the chance
-    row-level family-wise rule instead: at least `min_rows` of its rows significant at alpha after Bonferroni over
-    every row and cluster (`significant_rows[k]`), whose power falls as the dataset grows (p_value is then NaN). The chance that any genuine cluster is called a
-    backdoor is then about alpha, as far as the other clusters stand for genuine ones; neither p-value needs more
-    rows for the same effect as the dataset grows.
+    random rows by selection; the other clusters, formed the same way, are the reference that accounts for it. The
+    chance that any genuine cluster is called a backdoor is then about alpha, as far as the other clusters stand
+    for genuine ones, and neither p-value needs more rows for the same effect as the dataset grows. With fewer
+    than `MIN_REFERENCE` other clusters there is no reference: the row-level family-wise rule decides instead (at
+    least `min_rows` of the cluster's rows significant at alpha after Bonferroni over every row and cluster,
+    `significant_rows[k]`; its power falls as the dataset grows), and p_value is NaN.
     """
     members = np.asarray(members, dtype=np.int64)
     inconsistent = np.asarray(inconsistent, dtype=np.int64)
@@ -268,10 +268,10 @@ def inconsistency_test(members: np.ndarray, inconsistent: np.ndarray, alpha: flo
         reference = max(INCONSISTENT_TAIL, float(np.median(others))) if len(others) else INCONSISTENT_TAIL
         n, x = int(members[k]), int(inconsistent[k])
         p_chance = binomial_sf(x, n, reference)
-        if len(others) >= MIN_REFERENCE:  # on the arcsine-square-root scale, where a share's noise does not depend on it
+        if len(others) >= MIN_REFERENCE:  # on the arcsine-square-root scale: a share's noise does not depend on it
             stable = np.arcsin(np.sqrt(others))
             spread = max(float(np.std(stable, ddof=1)), 1e-6)
-            t = (math.asin(math.sqrt(share[k])) - float(np.mean(stable))) / (spread * math.sqrt(1.0 + 1.0 / len(others)))
+            t = (math.asin(math.sqrt(share[k])) - float(np.mean(stable))) / (spread * math.sqrt(1 + 1 / len(others)))
             p_spread = student_t_sf(t, len(others) - 1)
         else:  # too few clusters to measure how genuine ones differ: the row-level family-wise rule instead
             rows_ok = significant_rows is not None and int(significant_rows[k]) >= min_rows
