@@ -236,53 +236,78 @@ def student_t_sf(t: float, df: int) -> float:
     return tail if t > 0 else 1.0 - tail
 
 
+def _compare(k: int, reference: list[int], members: np.ndarray, inconsistent: np.ndarray, level: float) -> dict:
+    """Cluster k's share of inconsistent members against the clusters `reference` (see `inconsistency_test`)."""
+    share = inconsistent / np.maximum(members, 1)
+    others = share[reference]
+    ref_share = max(INCONSISTENT_TAIL, float(np.median(others)))
+    n, x = int(members[k]), int(inconsistent[k])
+    p_chance = binomial_sf(x, n, ref_share)
+    # on the arcsine-square-root scale a share's noise does not depend on the share, and the spread of the
+    # clusters' shares is nearly symmetric
+    stable = np.arcsin(np.sqrt(others))
+    spread = max(float(np.std(stable, ddof=1)), 1e-6)
+    t = (math.asin(math.sqrt(share[k])) - float(np.mean(stable))) / (spread * math.sqrt(1 + 1 / len(others)))
+    p_spread = student_t_sf(t, len(others) - 1)
+    p = max(p_chance, p_spread) if n else 1.0
+    return {"members": n, "inconsistent": x, "inconsistent_share": float(share[k]), "reference_share": ref_share,
+            "reference_clusters": len(reference), "clusters_spread": spread, "spread_t": float(t),
+            "p_chance": p_chance, "p_spread": p_spread, "p_value": p, "level": level, "backdoor": False}
+
+
 def inconsistency_test(members: np.ndarray, inconsistent: np.ndarray, alpha: float,
                        significant_rows: np.ndarray | None = None, min_rows: int = 10) -> list[dict]:
     """Which clusters are backdoors: those whose members are inconsistent with their images far more often than
     the members of the data's other caption clusters are.
 
     `members[k]`: how many valid rows belong to cluster k (their caption's correlation with its seeds reaches
-    `link_cosine`); `inconsistent[k]`: how many of them have c in the top `INCONSISTENT_TAIL` of all rows. Two
-    one-sided p-values, and a cluster is a backdoor when both are at most alpha / K (K clusters tested):
-    - chance: its count against Binomial(members, reference), the reference share being the median of the other
-      clusters' shares and at least `INCONSISTENT_TAIL` (the share of a caption unrelated to consistency);
-    - spread: its share against the other clusters' shares as a new draw from them (Student's t prediction
-      interval from their mean and standard deviation on the arcsine-square-root scale, which makes a share's
-      noise independent of its size and its spread nearly symmetric), so that genuine clusters, which differ in how
-      hard their concept is for the mapper, are not called backdoors however many rows they have.
+    `link_cosine`); `inconsistent[k]`: how many of them have c in the top `INCONSISTENT_TAIL` of all rows. A
+    cluster is compared with reference clusters by two one-sided p-values, both of which must be at most
+    alpha / K (K clusters tested):
+    - chance: its count against Binomial(members, reference share), the reference share being the median of the
+      reference clusters' shares and at least `INCONSISTENT_TAIL` (the share of a caption unrelated to c);
+    - spread: its share as a new draw from the reference clusters' shares (Student's t prediction interval from
+      their mean and standard deviation on the arcsine-square-root scale), so that genuine clusters, which differ
+      in how hard their concept is for the mapper, are not called backdoors however many rows they have.
     The clusters were formed from the rows with the largest c, so their members are inconsistent more often than
-    random rows by selection; the other clusters, formed the same way, are the reference that accounts for it. The
-    chance that any genuine cluster is called a backdoor is then about alpha, as far as the other clusters stand
-    for genuine ones, and neither p-value needs more rows for the same effect as the dataset grows. With fewer
-    than `MIN_REFERENCE` other clusters there is no reference: the row-level family-wise rule decides instead (at
-    least `min_rows` of the cluster's rows significant at alpha after Bonferroni over every row and cluster,
-    `significant_rows[k]`; its power falls as the dataset grows), and p_value is NaN.
+    random rows by selection; the other clusters, formed the same way, are the reference that accounts for it.
+    Two targets must not hide each other, so the test is sequential (a generalized ESD outlier test): the most
+    inconsistent cluster is compared with the rest, set apart, and the next with what remains, at most K / 2
+    times; the clusters called are those up to the last step that is significant. The chance that any genuine
+    cluster is called is about alpha, as far as the other clusters stand for genuine ones, and neither p-value
+    needs more rows for the same effect as the dataset grows. With fewer than `MIN_REFERENCE` other clusters
+    there is no reference: the row-level family-wise rule decides instead (at least `min_rows` of the cluster's
+    rows significant at alpha after Bonferroni over every row and cluster, `significant_rows[k]`; its power falls
+    as the dataset grows), and p_value is NaN.
     """
     members = np.asarray(members, dtype=np.int64)
     inconsistent = np.asarray(inconsistent, dtype=np.int64)
+    k_tested, level = len(members), alpha / max(len(members), 1)
     share = inconsistent / np.maximum(members, 1)
-    k_tested = len(members)
+    if k_tested - 1 < MIN_REFERENCE:
+        out = []
+        for k in range(k_tested):
+            rows = None if significant_rows is None else int(significant_rows[k])
+            out.append({"members": int(members[k]), "inconsistent": int(inconsistent[k]),
+                        "inconsistent_share": float(share[k]), "reference_share": float("nan"),
+                        "reference_clusters": k_tested - 1, "clusters_spread": float("nan"),
+                        "spread_t": float("nan"), "p_chance": float("nan"), "p_spread": float("nan"),
+                        "p_value": float("nan"), "level": level, "significant_rows": rows,
+                        "backdoor": rows is not None and rows >= min_rows})
+        return out
+    remaining, steps = list(range(k_tested)), []
+    while len(remaining) - 1 >= MIN_REFERENCE and len(steps) < max(1, k_tested // 2):
+        j = max(remaining, key=lambda i: (share[i], -i))
+        steps.append(_compare(j, [i for i in remaining if i != j], members, inconsistent, level) | {"cluster": j})
+        remaining.remove(j)
+    called = max([r + 1 for r, step in enumerate(steps) if step["p_value"] <= level], default=0)
+    results = {step["cluster"]: {**step, "backdoor": r < called} for r, step in enumerate(steps)}
+    genuine = [k for k in range(k_tested) if not (k in results and results[k]["backdoor"])]
     out = []
     for k in range(k_tested):
-        others = np.delete(share, k)[np.delete(members, k) > 0]
-        reference = max(INCONSISTENT_TAIL, float(np.median(others))) if len(others) else INCONSISTENT_TAIL
-        n, x = int(members[k]), int(inconsistent[k])
-        p_chance = binomial_sf(x, n, reference)
-        if len(others) >= MIN_REFERENCE:  # on the arcsine-square-root scale: a share's noise does not depend on it
-            stable = np.arcsin(np.sqrt(others))
-            spread = max(float(np.std(stable, ddof=1)), 1e-6)
-            t = (math.asin(math.sqrt(share[k])) - float(np.mean(stable))) / (spread * math.sqrt(1 + 1 / len(others)))
-            p_spread = student_t_sf(t, len(others) - 1)
-        else:  # too few clusters to measure how genuine ones differ: the row-level family-wise rule instead
-            rows_ok = significant_rows is not None and int(significant_rows[k]) >= min_rows
-            spread, t, p_spread = float("nan"), float("nan"), float("nan")
-        p = (max(p_chance, p_spread) if n else 1.0) if len(others) >= MIN_REFERENCE else float("nan")
-        called = bool(p <= alpha / k_tested) if len(others) >= MIN_REFERENCE else rows_ok
-        out.append({"members": n, "inconsistent": x, "inconsistent_share": float(share[k]),
-                    "significant_rows": None if significant_rows is None else int(significant_rows[k]),
-                    "reference_share": reference, "clusters_spread": spread, "spread_t": float(t),
-                    "p_chance": p_chance, "p_spread": p_spread, "p_value": p, "level": alpha / k_tested,
-                    "backdoor": called})
+        result = results.get(k) or _compare(k, [i for i in genuine if i != k], members, inconsistent, level)
+        result.pop("cluster", None)
+        out.append({**result, "significant_rows": None if significant_rows is None else int(significant_rows[k])})
     return out
 
 
