@@ -46,7 +46,7 @@ bench: build realdata
 	$(BIN)/python benchmarks/bench_seed_correlation.py
 	$(BIN)/python benchmarks/bench_gmm.py
 	$(BIN)/python benchmarks/bench_scan.py
-	$(BIN)/python benchmarks/bench_quality.py --csv bench-data/quality/quality.csv
+	$(BIN)/python benchmarks/bench_quality.py --sizes 2000 10000 --out bench-data/quality/quality.csv
 
 # On a GPU machine that has python3 (3.12) with torch, triton, numba, pybind11 and cmake but no package registry.
 # Packages it lacks travel as manylinux wheels for its Python in .whl/ (git-ignored; `make gpu-wheels` fills it on
