@@ -5,6 +5,8 @@ partial sums per chunk and reduce them in chunk order, so one thread and many th
 """
 from __future__ import annotations
 
+import os
+
 import numba
 import numpy as np
 from numba import njit, prange, types
@@ -188,13 +190,33 @@ em_pass_parallel = njit(parallel=True, fastmath=_FAST)(_em_pass)
 em_pass_serial = njit(fastmath=_FAST, cache=True)(_em_pass)
 
 
+def parallel_threads() -> int:
+    """numba's thread count; the first call starts its thread pool with OpenMP's passive wait policy.
+
+    OpenMP threads spin by default while they wait. With more runnable threads than cores (other jobs on the
+    machine) a thread spinning at a pass's barrier holds a core that the thread it waits for needs: the parallel
+    fit then ran 3.6x slower than with passive waits (benchmarks/RESULTS.md). The policy is read once, when
+    libgomp loads, so it is set for that moment only, unless the user set one; a pool started before (for
+    example by numba.set_num_threads) keeps its own.
+    """
+    from numba.np.ufunc import parallel
+
+    if not parallel._is_initialized and "OMP_WAIT_POLICY" not in os.environ:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        try:
+            parallel._launch_threads()
+        finally:
+            del os.environ["OMP_WAIT_POLICY"]
+    return numba.get_num_threads()
+
+
 def em_pass(x, half_table, log_coef, half_prec, means):
     """The fused pass: the parallel kernel when numba may use several threads, else the cached serial one.
 
     A parallel kernel cannot be cached (numba issue 7522), so each new process compiles it (seconds); with one
     thread it would gain nothing, and the serial kernel loads from the cache instead. Both reduce in chunk order.
     """
-    kernel = em_pass_parallel if numba.get_num_threads() > 1 else em_pass_serial
+    kernel = em_pass_parallel if parallel_threads() > 1 else em_pass_serial
     return kernel(x, half_table, log_coef, half_prec, means)
 
 
@@ -234,7 +256,7 @@ evaluate_serial = njit(fastmath=_FAST, cache=True)(_evaluate)
 
 def evaluate(x, half_table, log_coef, half_prec, means, what, component, out):
     """Per-sample results of a fitted mixture (see `_evaluate`): parallel or cached serial, as `em_pass`."""
-    kernel = evaluate_parallel if numba.get_num_threads() > 1 else evaluate_serial
+    kernel = evaluate_parallel if parallel_threads() > 1 else evaluate_serial
     kernel(x, half_table, log_coef, half_prec, means, what, component, out)
 
 
