@@ -24,7 +24,7 @@ SAME_CAPTION = 0.995  # caption embeddings this close are one caption string
 SPLIT_SHARE = 0.25  # a caption string that makes up a quarter of a cluster is split off as its own group
 ONE_CAPTION_SHARE = 0.5  # a cluster at least half of which is one caption string is a one-caption group
 DUPLICATE_IMAGES = 0.5  # relative image coherence of a duplicate family (near-identical images)
-INCONSISTENT_TAIL = 0.05  # a row is inconsistent when its c is in the top 5% of all valid rows' c
+INCONSISTENT_TAIL = 0.05  # inconsistent: c in the top 5% of all valid rows' c, or s_o in the bottom 5%
 MIN_REFERENCE = 3  # clusters the set-level test compares a cluster with
 GROUNDING_DRAWS = 200  # random captions whose grounding is the reference for a one-caption group's
 GROUNDING_LEVEL = 0.5  # grounded: described some image at least as well as the median random caption does
@@ -178,6 +178,15 @@ def set_aside_reason(stats: dict, test_one_caption_groups: bool) -> str | None:
 
 
 # -- the set-level test -------------------------------------------------------------------------------------------
+def inconsistent_rows(c: np.ndarray, s_o: np.ndarray, valid: np.ndarray, c_above: float,
+                      s_o_at_most: float) -> np.ndarray:
+    """Rows whose caption is not what their image shows, by either of two measurements: c in the top
+    `INCONSISTENT_TAIL` of the valid rows' (through the mapper: CFBD's own signal), or s_o = max(cos(I, T), 0) in
+    the bottom `INCONSISTENT_TAIL` (through the embedding model itself; ties at zero included), so that a mapper
+    that explains little does not blind the test. `c_above` and `s_o_at_most` are those quantiles."""
+    return valid & ((c > c_above) | (s_o <= s_o_at_most))
+
+
 def binomial_sf(x: int, n: int, p: float) -> float:
     """P(X >= x) for X ~ Binomial(n, p), summed in log space (exact for any n)."""
     if x <= 0:
@@ -243,8 +252,8 @@ def _compare(k: int, reference: list[int], members: np.ndarray, inconsistent: np
     ref_share = max(INCONSISTENT_TAIL, float(np.median(others)))
     n, x = int(members[k]), int(inconsistent[k])
     p_chance = binomial_sf(x, n, ref_share)
-    # on the arcsine-square-root scale a share's noise does not depend on the share, and the spread of the
-    # clusters' shares is nearly symmetric
+    # On the arcsine-square-root scale a share's noise does not depend on the share, and the spread of the
+    # clusters' shares is nearly symmetric.
     stable = np.arcsin(np.sqrt(others))
     spread = max(float(np.std(stable, ddof=1)), 1e-6)
     t = (math.asin(math.sqrt(share[k])) - float(np.mean(stable))) / (spread * math.sqrt(1 + 1 / len(others)))
@@ -261,7 +270,7 @@ def inconsistency_test(members: np.ndarray, inconsistent: np.ndarray, alpha: flo
     the members of the data's other caption clusters are.
 
     `members[k]`: how many valid rows belong to cluster k (their caption's correlation with its seeds reaches
-    `link_cosine`); `inconsistent[k]`: how many of them have c in the top `INCONSISTENT_TAIL` of all rows. A
+    `link_cosine`); `inconsistent[k]`: how many of them are `inconsistent_rows`. A
     cluster is compared with reference clusters by two one-sided p-values, both of which must be at most
     alpha / K (K clusters tested):
     - chance: its count against Binomial(members, reference share), the reference share being the median of the

@@ -114,14 +114,16 @@ def _significant(scores: np.ndarray, valid: np.ndarray, tested: np.ndarray, cfg:
     return reject, best, np.full(n, np.nan), {"estimates": estimates}
 
 
-def _inconsistency(s: Scores, z: np.ndarray, link: float, steps: GlobalSteps) -> tuple[np.ndarray, np.ndarray, float]:
+def _inconsistency(s: Scores, z: np.ndarray, link: float, steps: GlobalSteps) -> tuple[np.ndarray, np.ndarray, dict]:
     """Each cluster's members (valid rows whose caption reaches `link` against its seeds) and how many of them
-    are inconsistent (c in the top `cfbd.INCONSISTENT_TAIL` of all valid rows). Global: the quantile, the counts."""
-    cut = float(select.quantile(steps.comm, s.c[s.valid], 1.0 - cfbd.INCONSISTENT_TAIL))
-    inconsistent = s.valid & (s.c > cut)
+    are inconsistent with their images (`cfbd.inconsistent_rows`). Global: the quantiles, the counts."""
+    tail = cfbd.INCONSISTENT_TAIL
+    cuts = {"c_above": float(select.quantile(steps.comm, s.c[s.valid], 1.0 - tail)),
+            "s_o_at_most": float(select.quantile(steps.comm, s.s_o[s.valid], tail))}
+    inconsistent = cfbd.inconsistent_rows(s.c, s.s_o, s.valid, cuts["c_above"], cuts["s_o_at_most"])
     members = np.array([steps.count(s.valid & (z[:, k] >= link)) for k in range(z.shape[1])], dtype=np.int64)
     bad = np.array([steps.count(inconsistent & (z[:, k] >= link)) for k in range(z.shape[1])], dtype=np.int64)
-    return members, bad, cut
+    return members, bad, cuts
 
 
 def clusters_verdict(s: Scores, found: list, z: np.ndarray, ref: Reference, cfg: ScanConfig, steps: GlobalSteps,
@@ -147,7 +149,7 @@ def clusters_verdict(s: Scores, found: list, z: np.ndarray, ref: Reference, cfg:
     # the seeds): a pair whose image and caption agree is not a poison, and fewer tests mean a looser cut.
     tested = valid & (s.subset != BENIGN)
     link = cfbd.link_cosine(ref.caption_coherence)
-    members, bad, c_cut = _inconsistency(s, z, link, steps)
+    members, bad, inconsistent_when = _inconsistency(s, z, link, steps)
     # every row against every cluster, family-wise (the p-values of the report, and the rule without a reference)
     reject_fw, best_fw, p_all, cut_all = _significant(scores, valid, tested, cfg, steps,
                                                       "fwer" if cfg.threshold_method in ("fdr", "fwer") else None)
@@ -179,7 +181,7 @@ def clusters_verdict(s: Scores, found: list, z: np.ndarray, ref: Reference, cfg:
     s.summary["clusters"] = report
     s.summary["cluster"] = {"found": bool(len(accepted)), "clusters_examined": n_clusters,
                             "backdoor_clusters": accepted.tolist(), "member_link": link,
-                            "inconsistent_c": c_cut,
+                            "inconsistent_when": inconsistent_when,
                             "reason": "; ".join(f"cluster {r['cluster']}: {r['reason']}" for r in report)}
     timer.add("verdict", time.perf_counter() - t0)
     return {**info, **cut}
