@@ -1,6 +1,9 @@
 """cfbd_fast.gmm against scikit-learn's GaussianMixture: exact EM parity, default-fit quality, determinism, inputs."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import tracemalloc
 import warnings
 import numba
@@ -96,6 +99,37 @@ def test_serial_and_parallel_runs_are_bitwise_equal():
     assert (serial.score, serial.n_iter) == (parallel.score, parallel.n_iter)
     for a, b in zip(serial_out, parallel_out):
         assert np.array_equal(a, b)
+
+
+_WAIT_POLICY_SCRIPT = """
+import os, sys, numpy as np
+from cfbd_fast.gmm import _kernels, fit_gmm
+if sys.argv[1] == "fit":
+    fit_gmm(np.random.default_rng(0).normal(size=1000), 2)
+else:  # starting the pool alone: no parallel kernel to compile
+    _kernels.parallel_threads()
+print("left:", os.environ.get("OMP_WAIT_POLICY"))
+"""
+
+
+@pytest.mark.parametrize("user_policy,call", [(None, "fit"), ("active", "pool")])
+def test_parallel_pool_waits_passively_unless_the_user_chose(user_policy, call):
+    """A new process's first parallel pass starts libgomp with OMP_WAIT_POLICY=PASSIVE, without leaving the variable
+    set; a policy the user set is kept. libgomp prints what it read: unset, it also says PASSIVE but spins 300,000
+    times before it sleeps; only the explicit policy makes that spin count 0."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env.update(OMP_DISPLAY_ENV="VERBOSE", NUMBA_NUM_THREADS="2", NUMBA_THREADING_LAYER="omp")
+    if user_policy:
+        env["OMP_WAIT_POLICY"] = user_policy
+    out = subprocess.run([sys.executable, "-c", _WAIT_POLICY_SCRIPT, call], capture_output=True, text=True, env=env)
+    if out.returncode != 0 and "threading layer" in out.stderr.lower():
+        pytest.skip("numba's OpenMP threading layer is not available here")
+    assert out.returncode == 0, out.stderr
+    if user_policy:
+        assert "OMP_WAIT_POLICY = 'ACTIVE'" in out.stderr
+    else:
+        assert "OMP_WAIT_POLICY = 'PASSIVE'" in out.stderr and "GOMP_SPINCOUNT = '0'" in out.stderr
+    assert f"left: {user_policy}" in out.stdout
 
 
 def test_same_seed_same_fit_and_seed_is_used():
