@@ -195,13 +195,14 @@ def parallel_threads() -> int:
 
     OpenMP threads spin by default while they wait. With more runnable threads than cores (other jobs on the
     machine) a thread spinning at a pass's barrier holds a core that the thread it waits for needs: the parallel
-    fit then ran 3.6x slower than with passive waits (benchmarks/RESULTS.md). The policy is read once, when
+    fit then ran about 3.5x slower than with passive waits (benchmarks/RESULTS.md). The policy is read once, when
     libgomp loads, so it is set for that moment only, unless the user set one; a pool started before (for
     example by numba.set_num_threads) keeps its own.
     """
     from numba.np.ufunc import parallel
 
-    if not parallel._is_initialized and "OMP_WAIT_POLICY" not in os.environ:
+    # numba's own (private) start-up; without it, as in a numba that renamed it, the pool starts as numba's default.
+    if not getattr(parallel, "_is_initialized", True) and "OMP_WAIT_POLICY" not in os.environ:
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
         try:
             parallel._launch_threads()
