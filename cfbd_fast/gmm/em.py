@@ -12,11 +12,11 @@ import numpy as np
 from ..errors import InputError
 from . import _kernels
 
-INIT_SAMPLE = 100_000  # the initialisation reads at most this many samples; EM on them ends it
-KMEANS_SAMPLE = 10_000  # k-means, and a first EM run, on an evenly thinned sorted copy of at most this many
+INIT_SAMPLE = 100_000  # k-means and a first EM run use at most this many samples (initialisation only)
 KMEANS_RESTARTS = 4  # k-means++ seedings tried on the sample; the lowest inertia wins
+KMEANS_SEEDING_SAMPLE = 20_000  # k-means++ draws its seeds from an evenly thinned copy of the sorted sample
 KMEANS_MAX_ITER = 300
-SAMPLE_TOL_FACTOR = 0.3  # EM on the samples stops at tol * this, so the full-data EM starts near convergence
+SAMPLE_TOL_FACTOR = 0.3  # EM on the sample stops at tol * this, so the full-data EM starts near convergence
 
 _EPS10 = 10 * np.finfo(np.float64).eps  # scikit-learn adds this to every component's responsibility sum
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
@@ -85,9 +85,8 @@ def fit_gmm(x, k: int = 5, *, max_iter: int = 200, tol: float = 1e-3, init: str 
 
     x: 1-D (or (n, 1)) float64, float32 or float16 values; read-only and memory-mapped arrays are read in
     place (other real dtypes are converted). NaN or inf values are refused.
-    init: "kmeans" = k-means++ and Lloyd (best of KMEANS_RESTARTS seedings, deterministic for `seed`) and EM on
-    KMEANS_SAMPLE values of a systematic sample of at most INIT_SAMPLE, then EM on that whole sample, each EM to
-    tol * SAMPLE_TOL_FACTOR.
+    init: "kmeans" = k-means++ and Lloyd (best of KMEANS_RESTARTS seedings, deterministic for `seed`) on a
+    systematic sample of at most INIT_SAMPLE values, then EM on that sample to tol * SAMPLE_TOL_FACTOR.
     Ignored when weights_init, means_init and variances_init are given (all three together): EM starts there.
     tol: EM stops when the mean log-likelihood changes by less than tol between iterations (scikit-learn's rule).
     reg_covar: added to every variance in the M-step, so it is also the variance floor (must be > 0).
@@ -248,41 +247,30 @@ def _init_indices(n: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def _init_from_sample(sample, rng, k, reg_covar, max_iter, tol):
-    """k-means++ / Lloyd and EM on a thinned sorted copy of the sample, then EM on the whole sample (float64).
-
-    The small stage finds the components for a tenth of the cost; the whole sample then needs only a few
-    iterations and leaves the full-data EM as close to convergence as EM on the whole sample from k-means did.
-    """
-    stride = max(sample.shape[0] // KMEANS_SAMPLE, 1)
-    small = np.sort(sample[::stride])
-    weights, means, variances = _kmeans_params(small, rng, k, reg_covar)
-    for stage in (small, sample) if stride > 1 else (small,):
-        weights, means, variances = _run_em(stage, _NO_TABLE, weights, means, variances, reg_covar, max_iter,
-                                            tol * SAMPLE_TOL_FACTOR, _kernels.em_pass_serial)[:3]
-    return weights, means, variances
-
-
-def _kmeans_params(sorted_sample, rng, k, reg_covar):
-    """Best of KMEANS_RESTARTS k-means++ / Lloyd runs on the sorted sample; its clusters' weights, means, variances."""
-    prefix = np.concatenate(([0.0], np.cumsum(sorted_sample)))
+    """k-means++ / Lloyd on the sample (float64; sorted here), hard-assignment parameters, then EM on it."""
+    sample.sort()
+    prefix = np.concatenate(([0.0], np.cumsum(sample)))
+    seeding = sample[::max(sample.shape[0] // KMEANS_SEEDING_SAMPLE, 1)]  # Lloyd then runs on the whole sample
     n_trials = 2 + int(math.log(k))
     best = None
     for _ in range(KMEANS_RESTARTS):
-        seeds = _kernels.kmeans_plusplus(sorted_sample, k, rng.random(), rng.random((max(k - 1, 0), n_trials)))
-        centers, bounds, inertia = _kernels.lloyd_1d(sorted_sample, prefix, seeds, KMEANS_MAX_ITER)
+        seeds = _kernels.kmeans_plusplus(seeding, k, rng.random(), rng.random((max(k - 1, 0), n_trials)))
+        centers, bounds, inertia = _kernels.lloyd_1d(sample, prefix, seeds, KMEANS_MAX_ITER)
         if best is None or inertia < best[2]:
             best = (centers, bounds, inertia)
     centers, bounds, _ = best
     counts = np.diff(bounds).astype(np.float64)
-    spread = sorted_sample.var()
+    spread = sample.var()
     means = centers.copy()
     variances = np.empty(k)
     for c in range(k):
-        segment = sorted_sample[bounds[c]:bounds[c + 1]]
+        segment = sample[bounds[c]:bounds[c + 1]]
         if segment.size:
             means[c] = segment.mean()
             variances[c] = segment.var() + reg_covar
         else:
             variances[c] = spread + reg_covar
     nk = counts + _EPS10
-    return nk / nk.sum(), means, variances
+    weights = nk / nk.sum()
+    return _run_em(sample, _NO_TABLE, weights, means, variances, reg_covar, max_iter, tol * SAMPLE_TOL_FACTOR,
+                   _kernels.em_pass_serial)[:3]
