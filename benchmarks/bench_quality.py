@@ -176,7 +176,8 @@ def main(argv=None) -> None:
     ap.add_argument("--domains", nargs="*", default=list(realdata.DOMAINS), choices=realdata.DOMAINS)
     ap.add_argument("--towers", nargs="*", default=["full", "weak"], choices=("full", "weak"))
     ap.add_argument("--sizes", type=int, nargs="*", default=[2000])
-    ap.add_argument("--cases", nargs="*", default=None, help=f"default: all of {', '.join(case_specs())}")
+    ap.add_argument("--cases", nargs="*", default=None,
+                    help="default: all of " + ", ".join(case_specs()).replace("%", "%%"))
     ap.add_argument("--methods", nargs="*", default=list(METHODS))
     ap.add_argument("--mappers", nargs="*", default=["trained", "self"])
     ap.add_argument("--poison-seed", type=int, default=1)
