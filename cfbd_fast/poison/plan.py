@@ -4,7 +4,7 @@ purpose, row or attack), so the same seed gives the same rows and captions."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -13,8 +13,6 @@ from . import attacks
 from .table import CaptionTable, mentions
 from .templates import IMAGENET_TEMPLATES, one_caption
 
-if TYPE_CHECKING:
-    from .triggers import TriggerOptions
 
 ATTACKS = ("badnets", "blended", "sig", "wanet", "nashville", "label-consistent", "badclip-style", "mmpoison",
            "multi-trigger", "one-caption")
@@ -124,7 +122,7 @@ def check_arguments(attack, target, targets, multi_attacks, rate, n, seed, image
     return names, chosen
 
 
-def _check_trigger_options(options: TriggerOptions) -> None:
+def _check_trigger_options(options) -> None:  # a triggers.TriggerOptions
     size = attacks.IMAGE_SIZE
     if options.patch_size is not None and not 1 <= options.patch_size <= size:
         raise InputError(f"--patch-size {options.patch_size} must lie in [1, {size}]")
