@@ -13,7 +13,6 @@ from . import attacks
 from .table import CaptionTable, mentions
 from .templates import IMAGENET_TEMPLATES, one_caption
 
-
 ATTACKS = ("badnets", "blended", "sig", "wanet", "nashville", "label-consistent", "badclip-style", "mmpoison",
            "multi-trigger", "one-caption")
 # Attacks a multi-trigger run may mix, in the order it assigns them to targets when --attacks is not given.
