@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from cfbd_fast.cli.main import app
 from cfbd_fast.demo import generate_pairs, train_demo_mapper, write_demo_stores
 from cfbd_fast.mapper import save_mapper
-from cfbd_fast.pipeline import V_INVALID, V_POISONED, scan
+from cfbd_fast.pipeline import SUBSETS, V_INVALID, V_POISONED, scan
 from cfbd_fast.store import EmbeddingStore
 
 runner = CliRunner()
@@ -141,10 +141,19 @@ def test_other_methods_run_and_report(small, method):
     store_path, mapper = small
     result = scan(store_path, mapper, method=method)
     m = result.summary["metrics"]
-    assert 0.0 <= m["fpr"] <= 1.0 and 0.5 <= m["auroc"] <= 1.0
+    poisoned = result.verdict == V_POISONED
+    assert m["flagged"] == poisoned.sum() and 0.5 <= m["auroc"] <= 1.0
+    # each method's verdict is its own rule applied to its score and the threshold the summary reports
+    threshold = result.summary["threshold"]["value"]
+    seeds, suspicious = (result.subset == SUBSETS.index(name) for name in ("seed", "suspicious"))
     if method == "coarse":  # everything not confidently benign is flagged
-        assert m["flagged"] == result.summary["counts"]["subset"]["seed"] + \
-            result.summary["counts"]["subset"]["suspicious"]
+        np.testing.assert_array_equal(poisoned, seeds | suspicious)
+    elif method == "cfbd-paper":  # the seeds, and the suspicious rows above the threshold on z
+        np.testing.assert_array_equal(poisoned, seeds | (suspicious & (result.score > threshold)))
+    else:  # cosine and safeclip: every valid row above the threshold
+        np.testing.assert_array_equal(poisoned, np.nan_to_num(result.score, nan=-np.inf) > threshold)
+    if method == "cosine":  # its default threshold flags the --fpr share of rows
+        assert poisoned.sum() <= int(np.ceil(0.001 * len(poisoned))) + 1
 
 
 def test_labels_file_overrides_store_labels(small, tmp_path):
