@@ -141,3 +141,11 @@ def test_argument_errors_say_what_to_do():
     bad[4, 0] = float("nan")
     with pytest.raises(InputError, match="2 of 6 seed rows"):
         ops.seed_correlation(text, bad)
+
+
+def test_the_scan_offers_exactly_the_reductions_the_kernel_computes():
+    """pipeline/options.py describes each choice for the CLI; the op checks its own tuple: the two name the same."""
+    from cfbd_fast.ops.seed_correlation import REDUCTIONS as computed
+    from cfbd_fast.pipeline.options import REDUCTIONS as offered
+
+    assert set(offered) == set(computed)
