@@ -84,8 +84,8 @@ MinCluster = Annotated[int, typer.Option("--min-cluster", help="Rows that must b
 MaxClusters = Annotated[int, typer.Option("--max-clusters", help="Caption clusters of the seed pool tested (the "
                                                                  "least consistent first).")]
 OneCaptionGroups = Annotated[bool, typer.Option(
-    "--test-one-caption-groups", help="Also test caption clusters that are mostly one caption string over "
-                                      "unrelated images (boilerplate, or a single-caption backdoor).")]
+    "--test-one-caption-groups", help="Also test caption clusters that are mostly one caption string whose caption "
+                                      "describes no image of the data (boilerplate); grounded ones are tested anyway.")]
 Threads = Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch and numba (default: the "
                                                                   "free cores).")]
 Timings = Annotated[bool, typer.Option(

@@ -171,8 +171,8 @@ def set_aside_reason(stats: dict, test_one_caption_groups: bool) -> str | None:
         return "its images are near-identical too: a duplicate family, not a trigger"
     if stats["one_caption_share"] >= ONE_CAPTION_SHARE and not test_one_caption_groups \
             and not stats["grounding_share"] <= GROUNDING_LEVEL:
-        return (f"{stats['one_caption_share']:.0%} of it is one caption string that describes no image of the data "
-                f"better than {1 - stats['grounding_share']:.0%} of real captions do: boilerplate "
+        return (f"{stats['one_caption_share']:.0%} of it is one caption string, and {stats['grounding_share']:.0%} of "
+                "real captions describe some image of the data better than it does: boilerplate "
                 "(test it anyway with --test-one-caption-groups)")
     return None
 
