@@ -24,7 +24,7 @@ SAME_CAPTION = 0.995  # caption embeddings this close are one caption string
 SPLIT_SHARE = 0.25  # a caption string that makes up a quarter of a cluster is split off as its own group
 ONE_CAPTION_SHARE = 0.5  # a cluster at least half of which is one caption string is a one-caption group
 DUPLICATE_IMAGES = 0.5  # relative image coherence of a duplicate family (near-identical images)
-INCONSISTENT_TAIL = 0.05  # inconsistent: c in the top 5% of all valid rows' c, or s_o in the bottom 5%
+INCONSISTENT_TAIL = 0.02  # inconsistent: c in the top 2% of all valid rows' c, or s_o in the bottom 2%
 MIN_REFERENCE = 3  # clusters the set-level test compares a cluster with
 GROUNDING_DRAWS = 200  # random captions whose grounding is the reference for a one-caption group's
 GROUNDING_LEVEL = 0.5  # grounded: described some image at least as well as the median random caption does
@@ -245,22 +245,33 @@ def student_t_sf(t: float, df: int) -> float:
     return tail if t > 0 else 1.0 - tail
 
 
+def _stable(x: np.ndarray | int, n: np.ndarray | int) -> np.ndarray:
+    """A share x/n on the arcsine-square-root scale (Anscombe's form, defined at 0 and n), where its sampling
+    variance is 1 / (4n + 2) whatever the share."""
+    return np.arcsin(np.sqrt((np.asarray(x, dtype=np.float64) + 0.375) / (np.asarray(n, dtype=np.float64) + 0.75)))
+
+
 def _compare(k: int, reference: list[int], members: np.ndarray, inconsistent: np.ndarray, level: float) -> dict:
     """Cluster k's share of inconsistent members against the clusters `reference` (see `inconsistency_test`)."""
     share = inconsistent / np.maximum(members, 1)
-    others = share[reference]
-    ref_share = max(INCONSISTENT_TAIL, float(np.median(others)))
+    ref_share = max(INCONSISTENT_TAIL, float(np.median(share[reference])))
     n, x = int(members[k]), int(inconsistent[k])
     p_chance = binomial_sf(x, n, ref_share)
-    # On the arcsine-square-root scale a share's noise does not depend on the share, and the spread of the
-    # clusters' shares is nearly symmetric.
-    stable = np.arcsin(np.sqrt(others))
-    spread = max(float(np.std(stable, ddof=1)), 1e-6)
-    t = (math.asin(math.sqrt(share[k])) - float(np.mean(stable))) / (spread * math.sqrt(1 + 1 / len(others)))
-    p_spread = student_t_sf(t, len(others) - 1)
+    # Random effects on the stable scale: each reference cluster's value is its true value (spread tau^2 between
+    # genuine clusters, DerSimonian-Laird) plus its sampling noise; cluster k is a new draw from that spread.
+    y, v = _stable(inconsistent[reference], members[reference]), 1.0 / (4.0 * members[reference] + 2.0)
+    w = 1.0 / v
+    fixed = float((w * y).sum() / w.sum())
+    q_stat = float((w * (y - fixed) ** 2).sum())
+    tau2 = max(0.0, (q_stat - (len(y) - 1)) / float(w.sum() - (w ** 2).sum() / w.sum()))
+    w_re = 1.0 / (v + tau2)
+    mean = float((w_re * y).sum() / w_re.sum())
+    scale = math.sqrt(tau2 + 1.0 / (4.0 * n + 2.0) + 1.0 / float(w_re.sum()))
+    t = (float(_stable(x, n)) - mean) / scale
+    p_spread = student_t_sf(t, len(reference) - 1)
     p = max(p_chance, p_spread) if n else 1.0
     return {"members": n, "inconsistent": x, "inconsistent_share": float(share[k]), "reference_share": ref_share,
-            "reference_clusters": len(reference), "clusters_spread": spread, "spread_t": float(t),
+            "reference_clusters": len(reference), "clusters_spread": math.sqrt(tau2), "spread_t": float(t),
             "p_chance": p_chance, "p_spread": p_spread, "p_value": p, "level": level, "backdoor": False}
 
 
