@@ -100,6 +100,19 @@ def split_one_caption_groups(clusters: list[Cluster], pool_rows: np.ndarray, poo
     return out
 
 
+def distinct_captions(captions: np.ndarray) -> np.ndarray:
+    """Indices of the first row of each caption string among `captions` (rows in order; one string's embeddings
+    are `SAME_CAPTION` close). The fine stage correlates with a set of captions: a string repeated among the seeds
+    counts once, so that a generic caption that joined the cluster a few times ("art", beside the poisons' "art of
+    a banana.") does not become a seed that every row with that caption matches exactly."""
+    t = normalize_rows(captions)
+    keep: list[int] = []
+    for i in range(len(t)):
+        if not keep or float((t[keep] @ t[i]).max()) < SAME_CAPTION:
+            keep.append(i)
+    return np.asarray(keep, dtype=np.int64)
+
+
 # -- a cluster's statistics -------------------------------------------------------------------------------------
 def coherence_z(x: np.ndarray, null_rows: np.ndarray, rng: np.random.Generator,
                 draws: int = 200) -> tuple[float, float]:

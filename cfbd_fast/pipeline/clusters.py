@@ -54,7 +54,7 @@ def cluster_stage(s: Scores, ref: Reference, cfg: ScanConfig, steps: GlobalSteps
             "median_s_o": float(np.median(steps.values(s.s_o, cluster.rows))),
             "one_caption_share": cfbd.one_caption_share(captions),
         }
-        cluster.seed_captions = captions[: cfg.seed_set_size]
+        cluster.seed_captions = captions[cfbd.distinct_captions(captions)][: cfg.seed_set_size]
     # Set aside before the correlation pass: duplicate families and ungrounded one-caption groups. Of the rest,
     # the --max-clusters clusters whose pairs are the least consistent are tested (a bound on the pass's work).
     aside, rest = [], []
