@@ -80,17 +80,32 @@ def test_student_t_tail_equals_scipy(t, df):
 
 
 def test_grounding_tells_a_target_caption_from_boilerplate():
-    """Generated captions F(I) of a sample: concepts with a few images each. A caption naming one of the concepts
-    describes some image (grounded); a caption that is none of them (boilerplate) describes none."""
+    """A sample of 300 concepts with a few pictures each, captioned by their concept. A caption naming one of
+    them matches that concept's pictures best, and their captions agree with it (grounded); a caption that is none
+    of them (boilerplate) matches arbitrary pictures whose captions say something else."""
     rng = np.random.default_rng(4)
     concepts = rng.normal(size=(300, 64))
     which = rng.integers(0, 300, size=3000)
     captions = concepts[which] + 0.6 * rng.normal(size=(3000, 64))
-    generated = concepts[which] + 0.6 * rng.normal(size=(3000, 64))
-    reference = cfbd.grounding_reference(captions, generated, rng)
-    _, target_share = cfbd.grounding(concepts[7], reference)
-    _, boilerplate_share = cfbd.grounding(rng.normal(size=64), reference)
-    assert target_share <= cfbd.GROUNDING_LEVEL < boilerplate_share
+    images = concepts[which] + 0.6 * rng.normal(size=(3000, 64))
+    reference = cfbd.grounding_reference(captions, images, cfbd.link_cosine(0.0))
+    target = cfbd.grounding(concepts[7], reference)
+    boilerplate = cfbd.grounding(rng.normal(size=64), reference)
+    assert target["grounding_linked"] >= 3 and target["grounding_p"] <= 1e-3, target
+    assert boilerplate["grounding_linked"] == 0 and boilerplate["grounding_p"] == 1.0, boilerplate
+
+
+def test_grounding_leaves_out_the_rows_that_carry_the_caption():
+    """A one-caption group's own rows (its caption on unrelated pictures) are not evidence for it: a caption that
+    only those rows carry is not grounded, however many they are."""
+    rng = np.random.default_rng(6)
+    images = rng.normal(size=(500, 32))
+    captions = rng.normal(size=(500, 32))
+    boiler = rng.normal(size=32)
+    captions[:60] = boiler
+    images[:60] = boiler + 0.1 * rng.normal(size=(60, 32))  # even pictures that match it
+    result = cfbd.grounding(boiler, cfbd.grounding_reference(captions, images, cfbd.link_cosine(0.0)))
+    assert result["grounding_linked"] == 0 and result["grounding_p"] == 1.0, result
 
 
 def test_split_one_caption_groups_takes_arrays():

@@ -26,8 +26,7 @@ ONE_CAPTION_SHARE = 0.5  # a cluster at least half of which is one caption strin
 DUPLICATE_IMAGES = 0.5  # relative image coherence of a duplicate family (near-identical images)
 INCONSISTENT_TAIL = 0.02  # inconsistent: c in the top 2% of all valid rows' c, or s_o in the bottom 2%
 MIN_REFERENCE = 3  # clusters the set-level test compares a cluster with
-GROUNDING_DRAWS = 200  # random captions whose grounding is the reference for a one-caption group's
-GROUNDING_LEVEL = 0.5  # grounded: described some image at least as well as the median random caption does
+GROUNDING_IMAGES = 5  # the images a one-caption group's caption matches best, whose own captions must agree with it
 
 
 @dataclass
@@ -138,55 +137,51 @@ def one_caption_share(captions: np.ndarray) -> float:
 
 @dataclass
 class GroundingReference:
-    """A random sample's captions T and generated captions F(I), L2-normalised, and how well each of
-    `GROUNDING_DRAWS` of its captions describes some other image of the sample (`described`)."""
+    """A random sample's captions and images (L2-normalised) and the caption link: what `grounding` measures a
+    caption against."""
     captions: np.ndarray
-    generated: np.ndarray
-    null: np.ndarray
+    images: np.ndarray
+    link: float
 
 
-def _described(candidates: np.ndarray, captions: np.ndarray, generated: np.ndarray) -> np.ndarray:
-    """How well each candidate caption (rows, L2-normalised) describes the best-matching image of the sample other
-    than the rows that carry that very caption: the largest cosine between it and a generated caption F(I), on the
-    [median, 1] scale of its cosines to every F(I)."""
-    g = generated @ candidates.T  # (sample, candidates)
-    median = np.median(g, axis=0)
-    g[(captions @ candidates.T) >= SAME_CAPTION] = -np.inf  # elsewhere: not its own rows
-    best = g.max(axis=0)
-    out = (best - median) / np.maximum(1.0 - median, 1e-9)
-    out[~np.isfinite(best)] = np.nan
-    return out
+def grounding_reference(captions: np.ndarray, images: np.ndarray, link: float) -> GroundingReference:
+    return GroundingReference(captions=normalize_rows(captions), images=normalize_rows(images), link=link)
 
 
-def grounding_reference(captions: np.ndarray, generated: np.ndarray, rng: np.random.Generator) -> GroundingReference:
-    """The reference that `grounding` compares a caption with: random real captions of the sample."""
-    t, g = normalize_rows(captions), normalize_rows(generated)
-    draws = rng.choice(len(t), size=min(GROUNDING_DRAWS, len(t)), replace=False)
-    null = _described(t[draws], t, g)
-    return GroundingReference(captions=t, generated=g, null=null[np.isfinite(null)])
+def grounding(caption: np.ndarray, reference: GroundingReference) -> dict:
+    """Whether a caption names something the data shows elsewhere: of the `GROUNDING_IMAGES` images of the sample
+    that it matches best (by the embedding model's own image-text cosine, so no mapper is involved; the rows that
+    carry the caption itself left out), how many carry a caption of their own that links to it, against how many
+    a random image would (`base`: the share of the sample's other captions that link to it). A backdoor's target
+    caption ("a photo of a banana.") finds the data's genuine banana pictures, and they are captioned as bananas;
+    boilerplate ("Image.", "free icon download") matches arbitrary images whose captions say something else.
+    `p` = P(Binomial(images, base) >= linked): small when the agreement is beyond chance."""
+    t = normalize_rows(caption[None, :])[0]
+    similar = reference.captions @ t
+    other = similar < SAME_CAPTION
+    n_images = min(GROUNDING_IMAGES, int(other.sum()))
+    linked = other & (similar >= reference.link)
+    base = float(linked.sum() / max(int(other.sum()), 1))
+    if n_images == 0:
+        return {"grounding_linked": 0, "grounding_base": base, "grounding_p": 1.0}
+    match = np.where(other, reference.images @ t, -np.inf)
+    best = np.argpartition(-match, n_images - 1)[:n_images]
+    k = int(linked[best].sum())
+    return {"grounding_linked": k, "grounding_base": base, "grounding_p": binomial_sf(k, n_images, base)}
 
 
-def grounding(caption: np.ndarray, reference: GroundingReference) -> tuple[float, float]:
-    """Whether a caption describes some image of the data other than its own rows: how well it describes its
-    best-matching image (`_described`), and the share of random real captions that describe some other image at
-    least as well. A backdoor's target caption ("a photo of a banana.") names a concept that occurs in the data
-    (a share well below one half); boilerplate ("Image.", "free icon download") describes no image better than
-    real captions do (a share near one)."""
-    observed = float(_described(normalize_rows(caption[None, :]), reference.captions, reference.generated)[0])
-    share = float(np.mean(reference.null >= observed)) if len(reference.null) else float("nan")
-    return observed, share
-
-
-def set_aside_reason(stats: dict, test_one_caption_groups: bool) -> str | None:
+def set_aside_reason(stats: dict, test_one_caption_groups: bool, grounding_level: float) -> str | None:
     """Why a cluster is not tested (None: it is tested). Duplicate families share near-identical images;
-    one-caption groups are tested only when their caption is grounded (boilerplate describes no image)."""
+    one-caption groups are tested only when their caption is grounded (`grounding` p at most `grounding_level`:
+    the scan's alpha over the one-caption groups)."""
     if stats["relative_image_coherence"] >= DUPLICATE_IMAGES:
         return "its images are near-identical too: a duplicate family, not a trigger"
     if stats["one_caption_share"] >= ONE_CAPTION_SHARE and not test_one_caption_groups \
-            and not stats["grounding_share"] <= GROUNDING_LEVEL:
-        return (f"{stats['one_caption_share']:.0%} of it is one caption string, and {stats['grounding_share']:.0%} of "
-                "real captions describe some image of the data better than it does: boilerplate "
-                "(test it anyway with --test-one-caption-groups)")
+            and not stats["grounding_p"] <= grounding_level:
+        return (f"{stats['one_caption_share']:.0%} of it is one caption string, and {stats['grounding_linked']} of "
+                f"the {GROUNDING_IMAGES} images it matches best elsewhere carry a caption that says the same (chance: "
+                f"{stats['grounding_base']:.1%} each; p {stats['grounding_p']:.2g}, need {grounding_level:.2g}): it "
+                "names nothing the data shows, like boilerplate (test it anyway with --test-one-caption-groups)")
     return None
 
 

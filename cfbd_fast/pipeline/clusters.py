@@ -32,14 +32,13 @@ def cluster_stage(s: Scores, ref: Reference, cfg: ScanConfig, steps: GlobalSteps
     found = cfbd.split_one_caption_groups(found, pool, pool_captions, min_members)
     rng = np.random.default_rng(cfg.random_seed + 1)
     c_median, c_scale = c_location(s, steps)
-    described_by = cfbd.grounding_reference(ref.captions, ref.generated, rng)
+    grounding_ref = cfbd.grounding_reference(ref.captions, ref.images, cfbd.link_cosine(ref.caption_coherence))
     for cluster in found:
         at = np.searchsorted(pool, cluster.rows)
         captions = pool_captions[at]
         image_coh, image_z = cfbd.coherence_z(steps.fetch("image", cluster.rows), ref.images[:NULL_SAMPLE], rng)
         caption_coh = seeds.mean_pairwise_cosine(captions)
         median_c = float(np.median(pool_c[at]))
-        described, grounding_share = cfbd.grounding(captions[0], described_by)
         cluster.stats = {
             "size": int(len(cluster.rows)),
             "caption_coherence": caption_coh,
@@ -47,8 +46,7 @@ def cluster_stage(s: Scores, ref: Reference, cfg: ScanConfig, steps: GlobalSteps
             "image_coherence": image_coh,
             "relative_image_coherence": float(fine.relative_coherence(image_coh, ref.image_coherence)),
             "image_coherence_z": image_z,
-            "grounding": described,
-            "grounding_share": grounding_share,
+            **cfbd.grounding(captions[0], grounding_ref),
             "median_c": median_c,
             "c_z": (median_c - c_median) / max(c_scale, 1e-9),
             "median_s_o": float(np.median(steps.values(s.s_o, cluster.rows))),
@@ -57,9 +55,11 @@ def cluster_stage(s: Scores, ref: Reference, cfg: ScanConfig, steps: GlobalSteps
         cluster.seed_captions = captions[cfbd.distinct_captions(captions)][: cfg.seed_set_size]
     # Set aside before the correlation pass: duplicate families and ungrounded one-caption groups. Of the rest,
     # the --max-clusters clusters whose pairs are the least consistent are tested (a bound on the pass's work).
+    # One-caption groups are grounded family-wise: the scan's alpha over them.
+    one_caption = sum(cl.stats["one_caption_share"] >= cfbd.ONE_CAPTION_SHARE for cl in found)
     aside, rest = [], []
     for cl in found:
-        reason = cfbd.set_aside_reason(cl.stats, cfg.test_one_caption_groups)
+        reason = cfbd.set_aside_reason(cl.stats, cfg.test_one_caption_groups, cfg.alpha / max(one_caption, 1))
         (aside.append((cl, reason)) if reason else rest.append(cl))
     rest.sort(key=lambda cl: (-cl.stats["median_c"], int(cl.rows[0])))
     aside += [(cl, f"not tested: more consistent than the {cfg.max_clusters} clusters tested (--max-clusters)")

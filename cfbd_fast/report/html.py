@@ -40,7 +40,7 @@ CLUSTER_STATS = (("size", "seed-pool rows"), ("members", "member rows"),
                  ("caption_coherence", "caption coherence"),
                  ("relative_caption_coherence", "relative caption coherence"),
                  ("relative_image_coherence", "relative image coherence"), ("median_c", "median c"),
-                 ("grounding_share", "real captions describing an image better"),
+                 ("grounding_linked", "best-matching images whose captions agree"),
                  ("one_caption_share", "share of its top caption"))
 
 
