@@ -65,7 +65,7 @@ Threshold = Annotated[Optional[float], typer.Option("--threshold", help="A fixed
                                                                         "estimated).")]
 ThresholdMethodOpt = Annotated[Optional[ThresholdMethod], typer.Option(
     "--threshold-method", help="How the verdict's cut is set when no --threshold is given (default: per method; "
-                               "fwer for cfbd). " + _help(THRESHOLD_METHODS))]
+                               "fdr for cfbd). " + _help(THRESHOLD_METHODS))]
 Fdr = Annotated[float, typer.Option("--fdr", help="False-discovery rate of --threshold-method fdr: the expected "
                                                   "share of clean rows among the flagged.")]
 Alpha = Annotated[float, typer.Option("--alpha", help="Family-wise error rate of --threshold-method fwer: the "

@@ -34,7 +34,7 @@ VERDICT_RULES = {
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("cfbd", "CFBD with every caption cluster of the seed pool examined, the score z - s_o and an "
            "error-controlled verdict", True, seed_select="dense", score="z-so", verdict="clusters",
-           threshold_method="fwer", reduce="topk"),
+           threshold_method="fdr", reduce="topk"),
     Method("cfbd-paper", "CFBD as the paper states it: top-q seeds, the score z", True,
            seed_select="top", score="z", verdict="paper"),
     Method("coarse", "the coarse stage alone: flag all that the GMM does not call benign", True,
@@ -57,9 +57,9 @@ REDUCTIONS = {
     "topk": "mean of the --topk largest cosines",
 }
 THRESHOLD_METHODS = {
-    "fdr": "per-row p-values under a robust normal null; Benjamini-Hochberg at --fdr",
-    "fwer": "Bonferroni on the same p-values, family-wise error rate --alpha (cfbd: among the rows of the clusters "
-            "found at family-wise error --alpha)",
+    "fdr": "per-row p-values under a robust normal null; Benjamini-Hochberg at --fdr (cfbd: among the rows of "
+           "clusters found at family-wise error --alpha)",
+    "fwer": "Bonferroni on the same p-values, family-wise error rate --alpha",
     "gap": "the widest gap in the top 5% of scores",
     "robust-z": "median + z(1 - fpr) x 1.4826 MAD over all rows",
     "null-quantile": "the (1 - fpr) quantile over the coarse benign subset",
@@ -110,7 +110,7 @@ class ScanConfig:
     score: str | None = None
     threshold: float | None = None
     threshold_method: str | None = None
-    fdr: float = 0.05
+    fdr: float = 0.01
     alpha: float = 0.05
     fpr: float = 0.001
     min_cluster: int = 10
