@@ -46,16 +46,27 @@ def run(cell, case: str, method: str, mapper: str = "-") -> dict:
     return _RUNS[key]
 
 
-# The targets the verdict does not yet meet at 2,000 pairs: each case below fails today (missed clusters, or the
-# genuine banana pairs above FPR 0.2%; benchmarks/RESULTS.md, "Detection quality across domains"). Strict: a case
-# that starts to pass fails here until its mark is removed.
-KNOWN_GAP = pytest.mark.xfail(strict=True, reason="below TPR 0.95 or above FPR 0.2% at 2,000 pairs (RESULTS.md)")
+# The cases the verdict does not yet meet at 2,000 pairs (benchmarks/RESULTS.md, "Detection quality across
+# domains"): with --mapper self the genuine banana pairs of Twemoji pass the row cut (above FPR 0.2%), and the
+# self-fit blunts blended and sig on Openclipart; the one-caption attack and the second of two targets are too few
+# rows for the cluster test at this size. Strict: a case that starts to pass fails here until it leaves this list.
+KNOWN_GAPS = {("twemoji", "badnets-1%", "self"), ("twemoji", "blended-1%", "self"), ("twemoji", "sig-1%", "self"),
+              ("twemoji", "wanet-1%", "self"), ("twemoji", "one-caption", "trained"),
+              ("twemoji", "one-caption", "self"), ("openclipart", "blended-1%", "self"),
+              ("openclipart", "sig-1%", "trained"), ("openclipart", "sig-1%", "self"),
+              ("openclipart", "one-caption", "trained"), ("openclipart", "one-caption", "self"),
+              ("twemoji", "two-targets", "self"), ("openclipart", "two-targets", "self")}
 
 
-@KNOWN_GAP
+def known_gap(request, *key: str) -> None:
+    if key in KNOWN_GAPS:
+        request.applymarker(pytest.mark.xfail(strict=True, reason="below TPR 0.95 or above FPR 0.2% at 2,000 pairs"))
+
+
 @pytest.mark.parametrize("mapper", ["trained", "self"])
 @pytest.mark.parametrize("case", TRIGGER_CASES + ["one-caption"])
-def test_each_attack_is_found_with_the_defaults(cell, case, mapper):
+def test_each_attack_is_found_with_the_defaults(cell, case, mapper, request):
+    known_gap(request, cell.domain, case, mapper)
     m = run(cell, case, "cfbd", mapper)
     assert m["tpr"] >= 0.95 and m["fpr"] <= 0.002, (cell.name, case, mapper, m)
 
@@ -75,8 +86,8 @@ def test_cfbd_catches_at_least_what_simple_catches(cell, case, mapper):
     assert ours["fp"] <= max(simple["fp"], int(0.002 * SIZE)), (cell.name, case, mapper, ours, simple)
 
 
-@KNOWN_GAP
-def test_two_targets_are_two_clusters(cell):
+def test_two_targets_are_two_clusters(cell, request):
+    known_gap(request, cell.domain, "two-targets", "self")
     store = cell.case("two-targets", CASES["two-targets"])
     result = scan(store, "self")
     found = [c for c in result.summary["clusters"] if c["backdoor"]]

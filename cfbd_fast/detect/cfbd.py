@@ -266,8 +266,11 @@ def _compare(k: int, reference: list[int], members: np.ndarray, inconsistent: np
     n, x = int(members[k]), int(inconsistent[k])
     p_chance = binomial_sf(x, n, ref_share)
     # Random effects on the stable scale: each reference cluster's value is its true value (spread tau^2 between
-    # genuine clusters, DerSimonian-Laird) plus its sampling noise; cluster k is a new draw from that spread.
-    y, v = _stable(inconsistent[reference], members[reference]), 1.0 / (4.0 * members[reference] + 2.0)
+    # genuine clusters, DerSimonian-Laird) plus its sampling noise; cluster k is a new draw from that spread. As for
+    # the chance p-value, a genuine cluster is taken to be at least as inconsistent as random rows: a large cluster
+    # far more consistent than that (a family of near-identical emoji) would otherwise widen the spread upwards.
+    floor = np.maximum(inconsistent[reference], INCONSISTENT_TAIL * members[reference])
+    y, v = _stable(floor, members[reference]), 1.0 / (4.0 * members[reference] + 2.0)
     w = 1.0 / v
     fixed = float((w * y).sum() / w.sum())
     q_stat = float((w * (y - fixed) ** 2).sum())
