@@ -44,7 +44,10 @@ def test_scan_finds_poisons_and_writes_outputs(small, tmp_path):
     s = result.summary
     assert s["cluster"]["found"]
     m = s["metrics"]
-    assert m["tpr"] >= 0.95 and m["fpr"] <= 0.002, m
+    # The default row cut (--fdr 0.01) was chosen on real images, where 0.05 flags the genuine target-class pairs;
+    # on this synthetic world it keeps 0.76-0.86 of the poisons (those whose template is far from the seeds fall
+    # below it) and no clean row: see tests/test_demo_quality.py.
+    assert m["tpr"] >= 0.75 and m["fpr"] <= 0.002, m
     assert m["seed_precision"] >= 0.9
     out = result.write(tmp_path / "out")
     names = {p.name for p in out.iterdir()}
@@ -114,7 +117,7 @@ def test_fewer_poisons_than_q(tmp_path_factory):
     m = result.summary["metrics"]
     assert m["positives"] == 30
     assert result.summary["cluster"]["found"]
-    assert m["tpr"] >= 29 / 30 and m["false_positives"] <= 20, m
+    assert m["tpr"] >= 0.85 and m["false_positives"] <= 20, m  # --fdr 0.01: see above
 
 
 def test_invalid_rows_get_their_own_verdict(tmp_path, small):
@@ -171,7 +174,7 @@ def test_cli_scan_json(small, tmp_path):
                               "--json", "--quiet"])
     assert out.exit_code == 0, out.output
     summary = json.loads(out.output)
-    assert summary["metrics"]["tpr"] >= 0.95
+    assert summary["metrics"]["tpr"] >= 0.75  # --fdr 0.01 on the synthetic world: see above
     assert (tmp_path / "o" / "summary.json").exists()
 
 
@@ -217,7 +220,7 @@ def test_mappers_fitted_on_the_scanned_store(small, mapper):
     s = result.summary
     assert s["mapper"].startswith(f"{mapper}:")
     assert s["cluster"]["found"], s["cluster"]
-    assert s["metrics"]["tpr"] >= 0.9 and s["metrics"]["fpr"] <= 0.002, s["metrics"]
+    assert s["metrics"]["tpr"] >= 0.75 and s["metrics"]["fpr"] <= 0.002, s["metrics"]  # --fdr 0.01: see above
 
 
 # -- the output folder -----------------------------------------------------------------------------------------

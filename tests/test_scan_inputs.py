@@ -55,7 +55,7 @@ def test_invalid_rows_change_no_verdict_of_a_valid_row(stores, mapper_kind, meth
     keep[bad_rows] = False
     assert a.summary["metrics"]["positives"] > 0
     if method == "cfbd":
-        assert a.summary["metrics"]["tpr"] >= 0.9  # the comparison is not between two empty verdicts
+        assert a.summary["metrics"]["tpr"] >= 0.7  # the comparison is not between two empty verdicts
     flips = np.flatnonzero(keep & (a.verdict != b.verdict))
     if method in ("coarse", "safeclip"):
         # Their GMM is refitted on 10 fewer scores: only a row whose posterior sits at the cut may change side.
