@@ -145,6 +145,7 @@ class GroundingReference:
 
 
 def grounding_reference(captions: np.ndarray, images: np.ndarray, link: float) -> GroundingReference:
+    """The reference of `grounding`: a random sample's captions and images, and the caption link (`link_cosine`)."""
     return GroundingReference(captions=normalize_rows(captions), images=normalize_rows(images), link=link)
 
 
@@ -297,9 +298,10 @@ def inconsistency_test(members: np.ndarray, inconsistent: np.ndarray, alpha: flo
     alpha / K (K clusters tested):
     - chance: its count against Binomial(members, reference share), the reference share being the median of the
       reference clusters' shares and at least `INCONSISTENT_TAIL` (the share of a caption unrelated to c);
-    - spread: its share as a new draw from the reference clusters' shares (Student's t prediction interval from
-      their mean and standard deviation on the arcsine-square-root scale), so that genuine clusters, which differ
-      in how hard their concept is for the mapper, are not called backdoors however many rows they have.
+    - spread: its share as a new draw from the reference clusters' shares (a random-effects prediction on the
+      arcsine-square-root scale: their spread between clusters, DerSimonian-Laird, beside each one's sampling
+      noise; Student's t with K-1 degrees of freedom), so that genuine clusters, which differ in how hard their
+      concept is for the mapper, are not called backdoors however many rows they have.
     The clusters were formed from the rows with the largest c, so their members are inconsistent more often than
     random rows by selection; the other clusters, formed the same way, are the reference that accounts for it.
     Two targets must not hide each other, so the test is sequential (a generalized ESD outlier test): the most
