@@ -115,3 +115,14 @@ def test_split_one_caption_groups_takes_arrays():
     pool_captions = np.vstack([np.tile(boiler, (12, 1)), boiler + 0.8 * rng.normal(size=(18, 32))])
     out = cfbd.split_one_caption_groups([cfbd.Cluster(rows=pool_rows)], pool_rows, pool_captions, min_members=10)
     assert [len(c.rows) for c in out] == [12, 18] and set(out[0].rows) == set(range(100, 112))
+
+
+def test_without_a_reference_a_cluster_as_consistent_as_the_data_is_not_called():
+    """Fewer than MIN_REFERENCE other clusters (one caption cluster in the seed pool, as at 100,000 pairs): rows far
+    from the bulk of the score are not enough; the cluster's rows must also be inconsistent more often than the
+    data's are."""
+    genuine, backdoor = cfbd.inconsistency_test(np.array([1186, 632]), np.array([35, 126]), 0.05,
+                                                significant_rows=np.array([51, 297]), base_share=0.03)
+    assert not genuine["backdoor"] and genuine["p_value"] > 0.5, genuine
+    assert backdoor["backdoor"] and backdoor["p_value"] < 1e-20, backdoor
+    assert np.isnan(backdoor["clusters_spread"])

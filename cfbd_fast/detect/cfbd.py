@@ -288,7 +288,8 @@ def _compare(k: int, reference: list[int], members: np.ndarray, inconsistent: np
 
 
 def inconsistency_test(members: np.ndarray, inconsistent: np.ndarray, alpha: float,
-                       significant_rows: np.ndarray | None = None, min_rows: int = 10) -> list[dict]:
+                       significant_rows: np.ndarray | None = None, min_rows: int = 10,
+                       base_share: float = INCONSISTENT_TAIL) -> list[dict]:
     """Which clusters are backdoors: those whose members are inconsistent with their images far more often than
     the members of the data's other caption clusters are.
 
@@ -309,9 +310,12 @@ def inconsistency_test(members: np.ndarray, inconsistent: np.ndarray, alpha: flo
     times; the clusters called are those up to the last step that is significant. The chance that any genuine
     cluster is called is about alpha, as far as the other clusters stand for genuine ones, and neither p-value
     needs more rows for the same effect as the dataset grows. With fewer than `MIN_REFERENCE` other clusters
-    there is no reference: the row-level family-wise rule decides instead (at least `min_rows` of the cluster's
-    rows significant at alpha after Bonferroni over every row and cluster, `significant_rows[k]`; its power falls
-    as the dataset grows), and p_value is NaN.
+    there is no reference: a cluster is a backdoor when its members are inconsistent more often than the data's
+    rows are (`base_share`, the share of all valid rows that are `inconsistent_rows`; the chance p-value at most
+    alpha / K) and the row-level family-wise rule holds (at least `min_rows` of the cluster's rows significant at
+    alpha after Bonferroni over every row and cluster, `significant_rows[k]`; its power falls as the dataset
+    grows). A genuine caption cluster whose rows are as consistent as the data's is not called, however many of
+    its rows lie far from the bulk of the score.
     """
     members = np.asarray(members, dtype=np.int64)
     inconsistent = np.asarray(inconsistent, dtype=np.int64)
@@ -321,12 +325,14 @@ def inconsistency_test(members: np.ndarray, inconsistent: np.ndarray, alpha: flo
         out = []
         for k in range(k_tested):
             rows = None if significant_rows is None else int(significant_rows[k])
+            ref_share = max(INCONSISTENT_TAIL, float(base_share))
+            p_chance = binomial_sf(int(inconsistent[k]), int(members[k]), ref_share) if members[k] else 1.0
             out.append({"members": int(members[k]), "inconsistent": int(inconsistent[k]),
-                        "inconsistent_share": float(share[k]), "reference_share": float("nan"),
+                        "inconsistent_share": float(share[k]), "reference_share": ref_share,
                         "reference_clusters": k_tested - 1, "clusters_spread": float("nan"),
-                        "spread_t": float("nan"), "p_chance": float("nan"), "p_spread": float("nan"),
-                        "p_value": float("nan"), "level": level, "significant_rows": rows,
-                        "backdoor": rows is not None and rows >= min_rows})
+                        "spread_t": float("nan"), "p_chance": p_chance, "p_spread": float("nan"),
+                        "p_value": p_chance, "level": level, "significant_rows": rows,
+                        "backdoor": rows is not None and rows >= min_rows and p_chance <= level})
         return out
     remaining, steps = list(range(k_tested)), []
     while len(remaining) - 1 >= MIN_REFERENCE and len(steps) < max(1, k_tested // 2):
@@ -348,8 +354,9 @@ def verdict_reason(test: dict) -> str:
     """One sentence for a cluster's verdict."""
     share, ref = test["inconsistent_share"], test["reference_share"]
     if not math.isfinite(test["clusters_spread"]):
-        return (f"{share:.0%} of its {test['members']} rows are inconsistent with their images; fewer than "
-                f"{MIN_REFERENCE} other caption clusters to compare it with, so the row-level rule decides: "
+        return (f"{share:.0%} of its {test['members']} rows are inconsistent with their images, against {ref:.0%} "
+                f"of all rows (p {test['p_value']:.2g}, need {test['level']:.2g}); fewer than {MIN_REFERENCE} other "
+                f"caption clusters to compare it with, so the row-level rule decides too: "
                 f"{test['significant_rows']} rows significant after Bonferroni over every row "
                 f"({'a backdoor' if test['backdoor'] else 'not a backdoor'})")
     if test["backdoor"]:

@@ -123,6 +123,7 @@ def _inconsistency(s: Scores, z: np.ndarray, link: float, steps: GlobalSteps) ->
     inconsistent = cfbd.inconsistent_rows(s.c, s.s_o, s.valid, cuts["c_above"], cuts["s_o_at_most"])
     members = np.array([steps.count(s.valid & (z[:, k] >= link)) for k in range(z.shape[1])], dtype=np.int64)
     bad = np.array([steps.count(inconsistent & (z[:, k] >= link)) for k in range(z.shape[1])], dtype=np.int64)
+    cuts["share_of_all_rows"] = steps.count(inconsistent) / max(steps.count(s.valid), 1)
     return members, bad, cuts
 
 
@@ -154,7 +155,8 @@ def clusters_verdict(s: Scores, found: list, z: np.ndarray, ref: Reference, cfg:
     reject_fw, best_fw, p_all, cut_all = _significant(scores, valid, tested, cfg, steps,
                                                       "fwer" if cfg.threshold_method in ("fdr", "fwer") else None)
     significant = np.array([steps.count(reject_fw & (best_fw == k)) for k in range(n_clusters)], dtype=np.int64)
-    tests = cfbd.inconsistency_test(members, bad, cfg.alpha, significant, min_rows=cfg.min_cluster)
+    tests = cfbd.inconsistency_test(members, bad, cfg.alpha, significant, min_rows=cfg.min_cluster,
+                                    base_share=inconsistent_when["share_of_all_rows"])
     backdoor = np.array([t["backdoor"] for t in tests], dtype=bool)
     first_captions = steps.captions([cl.rows[0] for cl in found])
     report = []
