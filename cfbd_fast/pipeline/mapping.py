@@ -67,7 +67,6 @@ class Reference:
     """Random valid rows that stand for "unrelated pairs": caption/image coherence, the mapper's fit."""
     captions: np.ndarray
     images: np.ndarray
-    generated: np.ndarray
     caption_coherence: float
     image_coherence: float
 
@@ -95,7 +94,7 @@ def reference_sample(s: Scores, mapper, cfg: ScanConfig, steps: GlobalSteps) -> 
                           f"(median cosine {by_mapper:.3f}) no better than the average caption does ({by_mean:.3f}); "
                           "c then measures noise: train a mapper on clean pairs of this embedding model")
     null = slice(0, min(NULL_SAMPLE, len(rows)))
-    return Reference(captions=captions, images=images, generated=generated,
+    return Reference(captions=captions, images=images,
                      caption_coherence=seeds.mean_pairwise_cosine(captions[null]),
                      image_coherence=seeds.mean_pairwise_cosine(images[null]))
 
