@@ -260,6 +260,32 @@ def _stable(x: np.ndarray | int, n: np.ndarray | int) -> np.ndarray:
     return np.arcsin(np.sqrt((np.asarray(x, dtype=np.float64) + 0.375) / (np.asarray(n, dtype=np.float64) + 0.75)))
 
 
+def paule_mandel(y: np.ndarray, v: np.ndarray) -> float:
+    """The between-cluster variance tau^2 of values `y` with sampling variances `v` by Paule and Mandel's
+    estimator: the tau^2 at which the generalised Q statistic, sum w (y - weighted mean)^2 with w = 1 / (v + tau^2),
+    equals its expectation K - 1 (0 when Q is below it at tau^2 = 0). Q falls as tau^2 grows, so bisection finds
+    it. DerSimonian and Laird's moment estimator, the usual default, underestimates a large spread between few
+    clusters (Veroniki et al. 2016, Research Synthesis Methods); the Cochrane Handbook recommends this one."""
+    y, v = np.asarray(y, dtype=np.float64), np.asarray(v, dtype=np.float64)
+    target = len(y) - 1
+
+    def excess(tau2: float) -> float:
+        w = 1.0 / (v + tau2)
+        return float((w * (y - (w * y).sum() / w.sum()) ** 2).sum()) - target
+
+    if target < 1 or excess(0.0) <= 0.0:
+        return 0.0
+    lo, hi = 0.0, max(float(np.var(y)), 1e-12)
+    while excess(hi) > 0.0:
+        lo, hi = hi, 2.0 * hi
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if excess(mid) > 0.0 else (lo, mid)
+        if hi - lo <= 1e-12 * hi:
+            break
+    return 0.5 * (lo + hi)
+
+
 def _compare(k: int, reference: list[int], members: np.ndarray, inconsistent: np.ndarray, level: float) -> dict:
     """Cluster k's share of inconsistent members against the clusters `reference` (see `inconsistency_test`)."""
     share = inconsistent / np.maximum(members, 1)
@@ -267,15 +293,12 @@ def _compare(k: int, reference: list[int], members: np.ndarray, inconsistent: np
     n, x = int(members[k]), int(inconsistent[k])
     p_chance = binomial_sf(x, n, ref_share)
     # Random effects on the stable scale: each reference cluster's value is its true value (spread tau^2 between
-    # genuine clusters, DerSimonian-Laird) plus its sampling noise; cluster k is a new draw from that spread. As for
+    # genuine clusters, Paule-Mandel) plus its sampling noise; cluster k is a new draw from that spread. As for
     # the chance p-value, a genuine cluster is taken to be at least as inconsistent as random rows: a large cluster
     # far more consistent than that (a family of near-identical emoji) would otherwise widen the spread upwards.
     floor = np.maximum(inconsistent[reference], INCONSISTENT_TAIL * members[reference])
     y, v = _stable(floor, members[reference]), 1.0 / (4.0 * members[reference] + 2.0)
-    w = 1.0 / v
-    fixed = float((w * y).sum() / w.sum())
-    q_stat = float((w * (y - fixed) ** 2).sum())
-    tau2 = max(0.0, (q_stat - (len(y) - 1)) / float(w.sum() - (w ** 2).sum() / w.sum()))
+    tau2 = paule_mandel(y, v)
     w_re = 1.0 / (v + tau2)
     mean = float((w_re * y).sum() / w_re.sum())
     scale = math.sqrt(tau2 + 1.0 / (4.0 * n + 2.0) + 1.0 / float(w_re.sum()))
@@ -300,14 +323,16 @@ def inconsistency_test(members: np.ndarray, inconsistent: np.ndarray, alpha: flo
     - chance: its count against Binomial(members, reference share), the reference share being the median of the
       reference clusters' shares and at least `INCONSISTENT_TAIL` (the share of a caption unrelated to c);
     - spread: its share as a new draw from the reference clusters' shares (a random-effects prediction on the
-      arcsine-square-root scale: their spread between clusters, DerSimonian-Laird, beside each one's sampling
+      arcsine-square-root scale: their spread between clusters, `paule_mandel`, beside each one's sampling
       noise; Student's t with K-1 degrees of freedom), so that genuine clusters, which differ in how hard their
       concept is for the mapper, are not called backdoors however many rows they have.
     The clusters were formed from the rows with the largest c, so their members are inconsistent more often than
     random rows by selection; the other clusters, formed the same way, are the reference that accounts for it.
     Two targets must not hide each other, so the test is sequential (a generalized ESD outlier test): the most
-    inconsistent cluster is compared with the rest, set apart, and the next with what remains, at most K / 2
-    times; the clusters called are those up to the last step that is significant. The chance that any genuine
+    extreme cluster (the smallest p-value against the rest) is set apart, and the most extreme of what remains
+    next, at most K / 2 times; the clusters called are those up to the last step that is significant. Extreme by
+    p-value, not by share: a small genuine cluster with a high share but little evidence would otherwise come
+    early and be called whenever a later step is significant. The chance that any genuine
     cluster is called is about alpha, as far as the other clusters stand for genuine ones, and neither p-value
     needs more rows for the same effect as the dataset grows. With fewer than `MIN_REFERENCE` other clusters
     there is no reference: a cluster is a backdoor when its members are inconsistent more often than the data's
@@ -336,9 +361,11 @@ def inconsistency_test(members: np.ndarray, inconsistent: np.ndarray, alpha: flo
         return out
     remaining, steps = list(range(k_tested)), []
     while len(remaining) - 1 >= MIN_REFERENCE and len(steps) < max(1, k_tested // 2):
-        j = max(remaining, key=lambda i: (share[i], -i))
-        steps.append(_compare(j, [i for i in remaining if i != j], members, inconsistent, level) | {"cluster": j})
-        remaining.remove(j)
+        candidates = [_compare(i, [r for r in remaining if r != i], members, inconsistent, level) | {"cluster": i}
+                      for i in remaining]
+        step = min(candidates, key=lambda c: (c["p_value"], -c["inconsistent_share"], c["cluster"]))
+        steps.append(step)
+        remaining.remove(step["cluster"])
     called = max([r + 1 for r, step in enumerate(steps) if step["p_value"] <= level], default=0)
     results = {step["cluster"]: {**step, "backdoor": r < called} for r, step in enumerate(steps)}
     genuine = [k for k in range(k_tested) if not (k in results and results[k]["backdoor"])]
