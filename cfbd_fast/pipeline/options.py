@@ -114,7 +114,7 @@ class ScanConfig:
     alpha: float = 0.05
     fpr: float = 0.001
     min_cluster: int = 10
-    max_clusters: int = 8
+    max_clusters: int = 32
     test_one_caption_groups: bool = False  # also test clusters that are mostly one caption string
     chunk_rows: int = 16384  # rows streamed at a time: the working set, with the mapper's activations
     device: str = "cpu"
