@@ -155,3 +155,25 @@ def test_without_a_reference_a_cluster_as_consistent_as_the_data_is_not_called()
     assert not genuine["backdoor"] and genuine["p_value"] > 0.5, genuine
     assert backdoor["backdoor"] and backdoor["p_value"] < 1e-20, backdoor
     assert np.isnan(backdoor["clusters_spread"])
+
+
+def test_a_poison_passes_as_described_at_the_stated_rate_and_a_genuine_pair_does_not():
+    """`described` keeps a flagged pair whose caption fits its own image better than 99% of the data's images: a
+    pair whose image is unrelated to its caption (a poison) passes 1 time in 100; a pair whose image carries its
+    caption's concept passes nearly always."""
+    rng = np.random.default_rng(0)
+    dim, n = 64, 20_000
+    reference = rng.standard_normal((2000, dim))
+    texts = rng.standard_normal((n, dim))
+    unrelated = rng.standard_normal((n, dim))
+    rate = cfbd.described(unrelated, texts, reference).mean()
+    assert abs(rate - 0.01) < 4 * np.sqrt(0.01 * 0.99 / n) + 0.005, rate  # the quantile's own sampling error
+    genuine = texts + 0.5 * rng.standard_normal((n, dim))  # an image embedding near its caption's
+    assert cfbd.described(genuine, texts, reference).mean() > 0.99
+    # against a float64 computation, in chunks smaller than the rows
+    mixed = np.where(rng.random((n, 1)) < 0.5, genuine, unrelated)[:500]
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    want = np.sum(unit(mixed) * unit(texts[:500]), axis=1) > np.quantile(unit(texts[:500]) @ unit(reference).T,
+                                                                         0.99, axis=1)
+    assert 100 < want.sum() < 400
+    assert (cfbd.described(mixed, texts[:500], reference, chunk=64) == want).all()

@@ -47,14 +47,12 @@ def run(cell, case: str, method: str, mapper: str = "-") -> dict:
 
 
 # The cases the verdict does not yet meet at 2,000 pairs (benchmarks/RESULTS.md, "Detection quality across
-# domains"), as measured at this poison seed: on Twemoji every poison is found, but with --mapper self (and for the
-# one-caption attack with either mapper) 5-7 genuine banana pairs pass the row cut too (above FPR 0.2%); on
-# Openclipart sig's cluster is not called with either mapper, and the one-caption
-# attack has too few inconsistent rows for the cluster test; the second of two targets is missed on both.
+# domains"), as measured at this poison seed: on Twemoji every poison of the one-caption attack is found, but 4
+# genuine banana pairs whose captions do not describe their images pass the row cut too (FPR 0.202%, just above
+# 0.2%); on Openclipart sig's cluster is not called with either mapper, and the one-caption attack has too few
+# inconsistent rows for the cluster test; the second of two targets is missed on both.
 # Strict: a case that starts to pass fails here until it leaves this list.
-KNOWN_GAPS = {("twemoji", "badnets-1%", "self"), ("twemoji", "blended-1%", "self"), ("twemoji", "sig-1%", "self"),
-              ("twemoji", "wanet-1%", "self"), ("twemoji", "one-caption", "trained"),
-              ("twemoji", "one-caption", "self"),
+KNOWN_GAPS = {("twemoji", "one-caption", "trained"), ("twemoji", "one-caption", "self"),
               ("openclipart", "sig-1%", "trained"), ("openclipart", "sig-1%", "self"),
               ("openclipart", "one-caption", "trained"), ("openclipart", "one-caption", "self"),
               ("twemoji", "two-targets", "self"), ("openclipart", "two-targets", "self")}

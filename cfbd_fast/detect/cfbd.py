@@ -27,6 +27,7 @@ DUPLICATE_IMAGES = 0.5  # relative image coherence of a duplicate family (near-i
 INCONSISTENT_TAIL = 0.02  # inconsistent: c in the top 2% of all valid rows' c, or s_o in the bottom 2%
 MIN_REFERENCE = 3  # clusters the set-level test compares a cluster with
 GROUNDING_IMAGES = 5  # the images a one-caption group's caption matches best, whose own captions must agree with it
+DESCRIBED_QUANTILE = 0.99  # a pair whose caption fits its image better than it fits 99% of the data's images agrees
 
 
 @dataclass
@@ -392,3 +393,20 @@ def verdict_reason(test: dict) -> str:
     return (f"{share:.0%} of its {test['members']} rows are inconsistent with their images, against {ref:.0%} for "
             f"the data's caption clusters: not beyond chance and their spread (p {test['p_value']:.2g}, need "
             f"{test['level']:.2g})")
+
+
+# -- rows ---------------------------------------------------------------------------------------------------------
+def described(images: np.ndarray, texts: np.ndarray, reference_images: np.ndarray,
+              quantile: float = DESCRIBED_QUANTILE, chunk: int = 4096) -> np.ndarray:
+    """Which pairs' captions describe their own images: cos(I, T) above the `quantile` of cos(I', T) over the
+    random images I' of `reference_images`, the same caption against the data's images. A poison's image is
+    unrelated to its caption (a trigger on an image of anything), so its cosine is one more draw from that
+    distribution and it passes with probability 1 - quantile, whatever the domain, tower or dataset size; a
+    genuine pair of the target's concept (a banana captioned as one) passes when the embedding model can see it."""
+    reference = normalize_rows(reference_images)
+    out = np.zeros(len(images), dtype=bool)
+    for start in range(0, len(images), chunk):
+        i, t = normalize_rows(images[start:start + chunk]), normalize_rows(texts[start:start + chunk])
+        null = t @ reference.T
+        out[start:start + len(i)] = np.sum(i * t, axis=1) > np.quantile(null, quantile, axis=1)
+    return out

@@ -175,6 +175,13 @@ def clusters_verdict(s: Scores, found: list, z: np.ndarray, ref: Reference, cfg:
     if len(accepted):  # the rows again, against the backdoor clusters alone, under --fdr (or --alpha)
         reject, best_accepted, p, cut = _significant(scores[:, accepted], valid, tested, cfg, steps)
         cut["null_clusters"] = accepted.tolist()  # the cluster each of cut's nulls (or estimates) belongs to
+        # a flagged pair whose caption describes its own image is a genuine pair of the target's concept, not a
+        # poison (which passes this 1 time in 100: cfbd.described)
+        flagged, described = np.flatnonzero(reject), np.zeros_like(reject)
+        described[flagged] = cfbd.described(steps.source.gather("image", flagged),
+                                            steps.source.gather("text", flagged), ref.images[:NULL_SAMPLE])
+        reject &= ~described
+        cut["described_kept"] = steps.count(described)
         best = accepted[best_accepted]
         s.seed_rows = np.concatenate([found[k].seed_rows(cfg.seed_set_size) for k in accepted])
         s.verdict[reject] = V_POISONED
