@@ -11,7 +11,7 @@ from ..detect import cfbd, fine, seeds
 from ..distributed import select
 from .global_steps import GlobalSteps
 from .mapping import NULL_SAMPLE, Reference
-from .options import BENIGN, SEED, V_POISONED, ScanConfig
+from .options import SEED, V_POISONED, ScanConfig
 from .passes import Scores, Timer
 
 
@@ -146,12 +146,10 @@ def clusters_verdict(s: Scores, found: list, z: np.ndarray, ref: Reference, cfg:
     valid = s.valid
     scores = np.stack([fine.fine_score(z[:, k], s.s_o, cfg.score) for k in range(n_clusters)], axis=1)
     scores[~valid] = np.nan
-    # The fine stage leaves out the pairs whose image and caption agree by both measurements: the coarse stage
-    # called them benign (through the mapper) and their s_o is at least the median pair's (the embedding model
-    # itself). A weak mapper calls poisons benign too (a fifth of them on Openclipart's weak tower), and the
-    # paper's rule, testing its suspicious subset alone, lost them; fewer tests still mean a looser cut.
-    agree = (s.subset == BENIGN) & (s.s_o >= float(steps.median(s.s_o[valid])))
-    tested = valid & ~agree
+    # The fine stage tests every valid row: a mapper that explains little calls poisons benign (a tenth to a fifth
+    # of them on Openclipart's weak tower), and the paper's rule, testing its suspicious subset alone, lost them.
+    # The genuine pairs of the target's concept are kept afterwards by what their own image shows (`described`).
+    tested = valid
     link = cfbd.link_cosine(ref.caption_coherence)
     members, bad, inconsistent_when = _inconsistency(s, z, link, steps)
     # every row against every cluster, family-wise (the p-values of the report, and the rule without a reference)
