@@ -147,8 +147,9 @@ def clusters_verdict(s: Scores, found: list, z: np.ndarray, ref: Reference, cfg:
     scores = np.stack([fine.fine_score(z[:, k], s.s_o, cfg.score) for k in range(n_clusters)], axis=1)
     scores[~valid] = np.nan
     # The fine stage tests every valid row: a mapper that explains little calls poisons benign (13-22 of 100 at
-    # 1% on Openclipart's weak tower at 10,000 pairs), and the paper's rule, testing its suspicious subset alone, lost them.
-    # The genuine pairs of the target's concept are kept afterwards by what their own image shows (`described`).
+    # 1% on Openclipart's weak tower at 10,000 pairs), and the paper's rule, testing its suspicious subset alone,
+    # lost them. The genuine pairs of the target's concept are kept afterwards by what their own image shows
+    # (`described`).
     tested = valid
     link = cfbd.link_cosine(ref.caption_coherence)
     members, bad, inconsistent_when = _inconsistency(s, z, link, steps)
