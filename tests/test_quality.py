@@ -49,8 +49,9 @@ def run(cell, case: str, method: str, mapper: str = "-") -> dict:
 # The cases the verdict does not yet meet at 2,000 pairs (benchmarks/RESULTS.md, "Detection quality across
 # domains"), as measured at this poison seed: on Twemoji every poison of the one-caption attack is found, but
 # genuine banana pairs whose captions do not describe their images pass the row cut too (above FPR 0.2%; 4 of
-# 1,980, 0.202%, at bench_quality's poison seed 1); on Openclipart sig's cluster is not called with either mapper, and the one-caption attack has too few
-# inconsistent rows for the cluster test; the second of two targets is missed on both.
+# 1,980, 0.202%, at bench_quality's poison seed 1); on Openclipart sig's cluster is not called with either
+# mapper, and the one-caption attack has too few inconsistent rows for the cluster test; the second of two
+# targets is missed on both.
 # Strict: a case that starts to pass fails here until it leaves this list.
 KNOWN_GAPS = {("twemoji", "one-caption", "trained"), ("twemoji", "one-caption", "self"),
               ("openclipart", "sig-1%", "trained"), ("openclipart", "sig-1%", "self"),
