@@ -27,7 +27,7 @@ DUPLICATE_IMAGES = 0.5  # relative image coherence of a duplicate family (near-i
 INCONSISTENT_TAIL = 0.02  # inconsistent: c in the top 2% of all valid rows' c, or s_o in the bottom 2%
 MIN_REFERENCE = 3  # clusters the set-level test compares a cluster with
 GROUNDING_IMAGES = 5  # the images a one-caption group's caption matches best, whose own captions must agree with it
-DESCRIBED_QUANTILE = 0.99  # a pair whose caption fits its image better than it fits 99% of the data's images agrees
+DESCRIBED_QUANTILE = 0.99  # a flagged pair whose caption fits its image better than 99% of the data's is genuine
 
 
 @dataclass
@@ -266,7 +266,7 @@ def paule_mandel(y: np.ndarray, v: np.ndarray) -> float:
     estimator: the tau^2 at which the generalised Q statistic, sum w (y - weighted mean)^2 with w = 1 / (v + tau^2),
     equals its expectation K - 1 (0 when Q is below it at tau^2 = 0). Q falls as tau^2 grows, so bisection finds
     it. DerSimonian and Laird's moment estimator, the usual default, underestimates a large spread between few
-    clusters (Veroniki et al. 2016, Research Synthesis Methods); the Cochrane Handbook recommends this one."""
+    clusters (Veroniki et al. 2016, Research Synthesis Methods, who recommend this one)."""
     y, v = np.asarray(y, dtype=np.float64), np.asarray(v, dtype=np.float64)
     target = len(y) - 1
 

@@ -83,13 +83,13 @@ def c_location(s: Scores, steps: GlobalSteps) -> tuple[float, float]:
     return float(median), float(steps.median(np.abs(c_valid - median))) * 1.4826
 
 
-def _significant(scores: np.ndarray, valid: np.ndarray, tested: np.ndarray, cfg: ScanConfig,
+def _significant(scores: np.ndarray, valid: np.ndarray, cfg: ScanConfig,
                  steps: GlobalSteps, method: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
     """Which rows are significant for which of the score columns: (reject, best column, p-value, cut info).
 
     With `fdr`/`fwer`, each column gets p-values under its own robust null; a row's p-value is its smallest,
     times the number of columns (Bonferroni over the clusters); one Benjamini-Hochberg (or Bonferroni) cut over
-    the `tested` rows follows. With a classic estimator or a given threshold, a row is significant when its score
+    the valid rows follows. With a classic estimator or a given threshold, a row is significant when its score
     is above its column's threshold. Global: the nulls, the cut, the estimates.
     """
     n, k = scores.shape
@@ -103,14 +103,14 @@ def _significant(scores: np.ndarray, valid: np.ndarray, tested: np.ndarray, cfg:
         p[~valid] = np.nan
         level = cfg.fdr if method == "fdr" else cfg.alpha
         reject = np.zeros(n, dtype=bool)
-        reject[tested], cut = steps.control(method, p[tested], level)
+        reject[valid], cut = steps.control(method, p[valid], level)
         return reject, best, p, {"method": method, "level": level, "p_cut": cut, "nulls": list(nulls)}
     estimates = [cfg.threshold if cfg.threshold is not None else
                  steps.estimate(scores[:, j], method, reference=valid, fpr=cfg.fpr, seed=cfg.random_seed)
                  for j in range(k)]
     margin = scores - np.asarray(estimates, dtype=np.float32)[None, :]
     best = np.argmax(np.where(np.isnan(margin), -np.inf, margin), axis=1)
-    reject = tested & (margin[rows, best] > 0)
+    reject = valid & (margin[rows, best] > 0)
     return reject, best, np.full(n, np.nan), {"estimates": estimates}
 
 
@@ -146,15 +146,14 @@ def clusters_verdict(s: Scores, found: list, z: np.ndarray, ref: Reference, cfg:
     valid = s.valid
     scores = np.stack([fine.fine_score(z[:, k], s.s_o, cfg.score) for k in range(n_clusters)], axis=1)
     scores[~valid] = np.nan
-    # The fine stage tests every valid row: a mapper that explains little calls poisons benign (13-22 of 100 at
-    # 1% on Openclipart's weak tower at 10,000 pairs), and the paper's rule, testing its suspicious subset alone,
-    # lost them. The genuine pairs of the target's concept are kept afterwards by what their own image shows
-    # (`described`).
-    tested = valid
+    # The fine stage tests every valid row, where the paper tests its suspicious subset alone: a mapper that
+    # explains little calls poisons benign (13-22 of 100 at 1% on Openclipart's weak tower at 10,000 pairs), and
+    # the paper's rule lost them. The genuine pairs of the target's concept are kept afterwards by what their own
+    # image shows (`described`).
     link = cfbd.link_cosine(ref.caption_coherence)
     members, bad, inconsistent_when = _inconsistency(s, z, link, steps)
     # every row against every cluster, family-wise (the p-values of the report, and the rule without a reference)
-    reject_fw, best_fw, p_all, cut_all = _significant(scores, valid, tested, cfg, steps,
+    reject_fw, best_fw, p_all, cut_all = _significant(scores, valid, cfg, steps,
                                                       "fwer" if cfg.threshold_method in ("fdr", "fwer") else None)
     significant = np.array([steps.count(reject_fw & (best_fw == k)) for k in range(n_clusters)], dtype=np.int64)
     tests = cfbd.inconsistency_test(members, bad, cfg.alpha, significant, min_rows=cfg.min_cluster,
@@ -172,7 +171,7 @@ def clusters_verdict(s: Scores, found: list, z: np.ndarray, ref: Reference, cfg:
     accepted = np.flatnonzero(backdoor)
     best, p, cut = best_fw, p_all, {**cut_all, "null_clusters": list(range(n_clusters))}
     if len(accepted):  # the rows again, against the backdoor clusters alone, under --fdr (or --alpha)
-        reject, best_accepted, p, cut = _significant(scores[:, accepted], valid, tested, cfg, steps)
+        reject, best_accepted, p, cut = _significant(scores[:, accepted], valid, cfg, steps)
         cut["null_clusters"] = accepted.tolist()  # the cluster each of cut's nulls (or estimates) belongs to
         # a flagged pair whose caption describes its own image is a genuine pair of the target's concept, not a
         # poison (which passes this 1 time in 100: cfbd.described)
