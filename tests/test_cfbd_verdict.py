@@ -177,3 +177,55 @@ def test_a_poison_passes_as_described_at_the_stated_rate_and_a_genuine_pair_does
                                                                          0.99, axis=1)
     assert 100 < want.sum() < 400
     assert (cfbd.described(mixed, texts[:500], reference, chunk=64) == want).all()
+
+
+def test_a_poison_is_undescribed_half_the_time_and_a_genuine_pair_rarely():
+    """`undescribed`: a pair whose image is unrelated to its caption fits it no better than the median of the
+    data's images with probability 1/2; a pair whose image carries its caption's concept almost never does."""
+    rng = np.random.default_rng(1)
+    dim, n = 64, 20_000
+    reference = rng.standard_normal((2000, dim))
+    texts = rng.standard_normal((n, dim))
+    unrelated = rng.standard_normal((n, dim))
+    rate = cfbd.undescribed(unrelated, texts, reference).mean()
+    assert abs(rate - 0.5) < 4 * np.sqrt(0.25 / n) + 0.01, rate
+    genuine = texts + 0.5 * rng.standard_normal((n, dim))
+    assert cfbd.undescribed(genuine, texts, reference).mean() < 0.001
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    want = np.sum(unit(unrelated[:500]) * unit(texts[:500]), axis=1) <= np.quantile(
+        unit(texts[:500]) @ unit(reference).T, 0.5, axis=1)
+    assert (cfbd.undescribed(unrelated[:500], texts[:500], reference, chunk=64) == want).all()
+
+
+@pytest.mark.parametrize("size", [30, 300, 3000])
+def test_grounded_genuine_clusters_are_called_undescribed_at_most_at_the_level(size):
+    """Under the null of the grounded-and-undescribed test (a cluster's members undescribed at the data's rate, its
+    caption grounded), a cluster is called at most `level` of the time, at any size; half-undescribed members (a
+    backdoor's poisons beside its genuine pairs) are called at 1% of the data or more."""
+    rng = np.random.default_rng(size)
+    level, base = 0.01, 0.2
+    calls = [cfbd.grounded_undescribed(size, int(rng.binomial(size, base)), base, 0.0, level)["called"]
+             for _ in range(4000)]
+    assert np.mean(calls) <= level + 3 * np.sqrt(level / 4000)
+    poisons = size * 2 // 3  # two thirds poisons, half of them undescribed; the rest genuine, at the base rate
+    hit = cfbd.grounded_undescribed(size, poisons // 2 + int(base * (size - poisons)), base, 0.0, level)
+    assert hit["called"]
+    assert not cfbd.grounded_undescribed(size, size, base, 0.5, level)["called"]  # boilerplate: not grounded
+
+
+def test_a_grounded_undescribed_cluster_is_called_first_and_leaves_the_reference():
+    """A cluster called by the grounded-and-undescribed test is set apart before the set-level test, so it does
+    not widen the reference that a second target is compared with; its reason says why it was called."""
+    members = np.array([200, 180, 220, 190, 210, 60, 40])
+    inconsistent = np.array([10, 8, 12, 9, 11, 30, 6])
+    undescribed = np.array([20, 18, 22, 19, 21, 12, 22])
+    grounding_p = np.array([1.0, 1.0, 0.2, 1.0, 1.0, 1.0, 1e-4])
+    tests = cfbd.inconsistency_test(members, inconsistent, 0.05, undescribed=undescribed, undescribed_base=0.1,
+                                    grounding_p=grounding_p)
+    assert [t["backdoor"] for t in tests] == [False] * 5 + [True, True]
+    assert tests[6]["p_value"] == tests[6]["p_grounded_undescribed"] <= tests[6]["level"] == 0.05 / 7
+    assert "names what the data's pictures show" in cfbd.verdict_reason(tests[6])
+    assert "inconsistent with their images" in cfbd.verdict_reason(tests[5])
+    without = cfbd.inconsistency_test(members, inconsistent, 0.05)
+    assert [t["backdoor"] for t in without] == [False] * 5 + [True, False]
+    assert tests[5]["reference_clusters"] == 5 and without[5]["reference_clusters"] == 6

@@ -1,11 +1,13 @@
-"""The cfbd verdict's rules, on arrays: the seed pool's caption clusters, which of them are set aside, the set-level
-test that calls a cluster a backdoor, and its error rate.
+"""The cfbd verdict's rules, on arrays: the seed pool's caption clusters, which of them are set aside, the two
+tests that call a cluster a backdoor, and their error rates.
 
 A backdoor pairs one target caption (or a few paraphrases) with many images that do not show it. Among the rows
 with the largest consistency c the target's captions form a tight caption cluster; so can a genuine group (a
 concept the mapper finds hard, a duplicate family, boilerplate). What sets the backdoor apart is measured on every
 row whose caption belongs to the cluster (its *members*, found by the correlation pass): a large share of them is
 inconsistent with its image. Genuine caption groups have that share at the level of the data's other groups.
+And the target caption names what the data's genuine pictures of the target show, while the poisons' images are
+arbitrary: its members' images are undescribed by it far more often than the data's pairs are.
 
 Every constant of the verdict is here, with the measurement behind it in docs/algorithm.md.
 """
@@ -28,6 +30,7 @@ INCONSISTENT_TAIL = 0.02  # inconsistent: c in the top 2% of all valid rows' c, 
 MIN_REFERENCE = 3  # clusters the set-level test compares a cluster with
 GROUNDING_IMAGES = 5  # the images a one-caption group's caption matches best, whose own captions must agree with it
 DESCRIBED_QUANTILE = 0.99  # a flagged pair whose caption fits its image better than 99% of the data's is genuine
+UNDESCRIBED_QUANTILE = 0.5  # a pair is undescribed when its caption fits half the data's images as well as its own
 
 
 @dataclass
@@ -313,14 +316,78 @@ def _compare(k: int, reference: list[int], members: np.ndarray, inconsistent: np
 
 def inconsistency_test(members: np.ndarray, inconsistent: np.ndarray, alpha: float,
                        significant_rows: np.ndarray | None = None, min_rows: int = 10,
-                       base_share: float = INCONSISTENT_TAIL) -> list[dict]:
+                       base_share: float = INCONSISTENT_TAIL, undescribed: np.ndarray | None = None,
+                       undescribed_base: float = UNDESCRIBED_QUANTILE,
+                       grounding_p: np.ndarray | None = None) -> list[dict]:
+    """Which clusters are backdoors, by two tests, each at alpha / K (K clusters tested):
+    - grounded and undescribed (`grounded_undescribed`, with `undescribed` and `grounding_p` given): the cluster's
+      caption names something the data shows elsewhere, yet its own rows' images are not what it names more often
+      than the data's pairs are. It needs no other cluster, and the clusters it calls are set apart first;
+    - the set-level test of the others against each other (`set_level_test`).
+    """
+    members = np.asarray(members, dtype=np.int64)
+    k_tested = len(members)
+    level = alpha / max(k_tested, 1)
+    first = [None] * k_tested if undescribed is None else \
+        [grounded_undescribed(int(members[k]), int(undescribed[k]), undescribed_base, float(grounding_p[k]), level)
+         for k in range(k_tested)]
+    rest = np.array([k for k in range(k_tested) if not (first[k] and first[k]["called"])], dtype=np.int64)
+    inconsistent = np.asarray(inconsistent, dtype=np.int64)
+    sig = None if significant_rows is None else np.asarray(significant_rows)[rest]
+    by_rest = dict(zip(rest.tolist(), set_level_test(members[rest], inconsistent[rest], level, sig, min_rows,
+                                                     base_share)))
+    genuine = [k for k in rest.tolist() if not by_rest[k]["backdoor"]]
+    out = []
+    for k in range(k_tested):
+        if k in by_rest:
+            test = by_rest[k]
+        else:  # called first: its statistics against the genuine clusters, for the record
+            test = _compare(k, genuine, members, inconsistent, level) if len(genuine) >= MIN_REFERENCE else \
+                _against_rows(int(members[k]), int(inconsistent[k]), base_share, level, k_tested - 1)
+            test["significant_rows"] = None if significant_rows is None else int(significant_rows[k])
+        if first[k] is not None:
+            test = {**test, **{key: v for key, v in first[k].items() if key != "called"}}
+            if first[k]["called"]:
+                test.update(backdoor=True, p_value=first[k]["p_grounded_undescribed"])
+        out.append(test)
+    return out
+
+
+def grounded_undescribed(members: int, undescribed: int, base: float, grounding_p: float, level: float) -> dict:
+    """A backdoor's caption is grounded (`grounding`: it names what the data's genuine pictures of the target
+    show, and they are captioned so), while the images of its poisons are arbitrary: each poison is undescribed
+    (`undescribed`: its caption fits at least half of the data's images as well as its own image) with probability
+    about 1/2, whatever the domain, tower or dataset size. The data's pairs are undescribed at `base` (its own
+    rows measured the same way). Called when both p-values are at most `level`: the grounding p-value, and
+    P(Binomial(members, base) >= undescribed). A genuine cluster's members are described as often as the data's
+    pairs are; boilerplate is not grounded."""
+    p_undescribed = binomial_sf(undescribed, members, base) if members else 1.0
+    p = max(p_undescribed, grounding_p)
+    return {"undescribed": undescribed, "undescribed_share": undescribed / max(members, 1),
+            "undescribed_base": base, "p_undescribed": p_undescribed, "grounding_p": grounding_p,
+            "p_grounded_undescribed": p, "called": p <= level}
+
+
+def _against_rows(members: int, inconsistent: int, base_share: float, level: float, others: int) -> dict:
+    """A cluster's count of inconsistent members against the data's rows (no reference clusters)."""
+    ref_share = max(INCONSISTENT_TAIL, float(base_share))
+    p_chance = binomial_sf(inconsistent, members, ref_share) if members else 1.0
+    return {"members": members, "inconsistent": inconsistent, "inconsistent_share": inconsistent / max(members, 1),
+            "reference_share": ref_share, "reference_clusters": others, "clusters_spread": float("nan"),
+            "spread_t": float("nan"), "p_chance": p_chance, "p_spread": float("nan"), "p_value": p_chance,
+            "level": level, "backdoor": False}
+
+
+def set_level_test(members: np.ndarray, inconsistent: np.ndarray, level: float,
+                   significant_rows: np.ndarray | None = None, min_rows: int = 10,
+                   base_share: float = INCONSISTENT_TAIL) -> list[dict]:
     """Which clusters are backdoors: those whose members are inconsistent with their images far more often than
     the members of the data's other caption clusters are.
 
     `members[k]`: how many valid rows belong to cluster k (their caption's correlation with its seeds reaches
     `link_cosine`); `inconsistent[k]`: how many of them are `inconsistent_rows`. A
     cluster is compared with reference clusters by two one-sided p-values, both of which must be at most
-    alpha / K (K clusters tested):
+    `level` (alpha / K, K clusters tested):
     - chance: its count against Binomial(members, reference share), the reference share being the median of the
       reference clusters' shares and at least `INCONSISTENT_TAIL` (the share of a caption unrelated to c);
     - spread: its share as a new draw from the reference clusters' shares (a random-effects prediction on the
@@ -338,27 +405,21 @@ def inconsistency_test(members: np.ndarray, inconsistent: np.ndarray, alpha: flo
     needs more rows for the same effect as the dataset grows. With fewer than `MIN_REFERENCE` other clusters
     there is no reference: a cluster is a backdoor when its members are inconsistent more often than the data's
     rows are (`base_share`, the share of all valid rows that are `inconsistent_rows`; the chance p-value at most
-    alpha / K) and the row-level family-wise rule holds (at least `min_rows` of the cluster's rows significant at
+    `level`) and the row-level family-wise rule holds (at least `min_rows` of the cluster's rows significant at
     alpha after Bonferroni over every row and cluster, `significant_rows[k]`; its power falls as the dataset
     grows). A genuine caption cluster whose rows are as consistent as the data's is not called, however many of
     its rows lie far from the bulk of the score.
     """
     members = np.asarray(members, dtype=np.int64)
     inconsistent = np.asarray(inconsistent, dtype=np.int64)
-    k_tested, level = len(members), alpha / max(len(members), 1)
-    share = inconsistent / np.maximum(members, 1)
+    k_tested = len(members)
     if k_tested - 1 < MIN_REFERENCE:
         out = []
         for k in range(k_tested):
             rows = None if significant_rows is None else int(significant_rows[k])
-            ref_share = max(INCONSISTENT_TAIL, float(base_share))
-            p_chance = binomial_sf(int(inconsistent[k]), int(members[k]), ref_share) if members[k] else 1.0
-            out.append({"members": int(members[k]), "inconsistent": int(inconsistent[k]),
-                        "inconsistent_share": float(share[k]), "reference_share": ref_share,
-                        "reference_clusters": k_tested - 1, "clusters_spread": float("nan"),
-                        "spread_t": float("nan"), "p_chance": p_chance, "p_spread": float("nan"),
-                        "p_value": p_chance, "level": level, "significant_rows": rows,
-                        "backdoor": rows is not None and rows >= min_rows and p_chance <= level})
+            test = _against_rows(int(members[k]), int(inconsistent[k]), base_share, level, k_tested - 1)
+            out.append({**test, "significant_rows": rows,
+                        "backdoor": rows is not None and rows >= min_rows and test["p_chance"] <= level})
         return out
     remaining, steps = list(range(k_tested)), []
     while len(remaining) - 1 >= MIN_REFERENCE and len(steps) < max(1, k_tested // 2):
@@ -381,6 +442,11 @@ def inconsistency_test(members: np.ndarray, inconsistent: np.ndarray, alpha: flo
 def verdict_reason(test: dict) -> str:
     """One sentence for a cluster's verdict."""
     share, ref = test["inconsistent_share"], test["reference_share"]
+    if test.get("p_grounded_undescribed", 1.0) <= test["level"]:
+        return (f"its caption names what the data's pictures show elsewhere (grounding p {test['grounding_p']:.1e}), "
+                f"yet {test['undescribed']} of its {test['members']} rows ({test['undescribed_share']:.0%}) have an "
+                f"image it does not describe, against {test['undescribed_base']:.0%} of the data's pairs (p "
+                f"{test['p_undescribed']:.1e})")
     if not math.isfinite(test["clusters_spread"]):
         return (f"{share:.0%} of its {test['members']} rows are inconsistent with their images, against {ref:.0%} "
                 f"of all rows (p {test['p_value']:.2g}, need {test['level']:.2g}); fewer than {MIN_REFERENCE} other "
@@ -403,6 +469,21 @@ def described(images: np.ndarray, texts: np.ndarray, reference_images: np.ndarra
     unrelated to its caption (a trigger on an image of anything), so its cosine is one more draw from that
     distribution and it passes with probability 1 - quantile, whatever the domain, tower or dataset size; a
     genuine pair of the target's concept (a banana captioned as one) passes when the embedding model can see it."""
+    return _above_caption_null(images, texts, reference_images, quantile, chunk)
+
+
+def undescribed(images: np.ndarray, texts: np.ndarray, reference_images: np.ndarray,
+                quantile: float = UNDESCRIBED_QUANTILE, chunk: int = 4096) -> np.ndarray:
+    """Which pairs' captions fit their own image no better than they fit the data's images at the `quantile`
+    (cos(I, T) at most that quantile of cos(I', T) over `reference_images`; at 0.5, half the data's images fit
+    the caption as well). A poison is undescribed with probability `quantile` (see `described`); a genuine pair
+    rarely, as far as the embedding model can see its concept."""
+    return ~_above_caption_null(images, texts, reference_images, quantile, chunk)
+
+
+def _above_caption_null(images: np.ndarray, texts: np.ndarray, reference_images: np.ndarray, quantile: float,
+                        chunk: int) -> np.ndarray:
+    """cos(I, T) > the `quantile` of cos(I', T) over `reference_images`, row by row."""
     reference = normalize_rows(reference_images)
     out = np.zeros(len(images), dtype=bool)
     for start in range(0, len(images), chunk):

@@ -14,6 +14,8 @@ from .mapping import NULL_SAMPLE, Reference
 from .options import SEED, V_POISONED, ScanConfig
 from .passes import Scores, Timer
 
+GATHER_ROWS = 65_536  # member rows read at a time to measure which are undescribed
+
 
 def cluster_stage(s: Scores, ref: Reference, cfg: ScanConfig, steps: GlobalSteps, timer: Timer) -> list:
     """The seed pool's caption clusters, each with its statistics; the ones tested, their seeds marked.
@@ -114,17 +116,29 @@ def _significant(scores: np.ndarray, valid: np.ndarray, cfg: ScanConfig,
     return reject, best, np.full(n, np.nan), {"estimates": estimates}
 
 
-def _inconsistency(s: Scores, z: np.ndarray, link: float, steps: GlobalSteps) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Each cluster's members (valid rows whose caption reaches `link` against its seeds) and how many of them
-    are inconsistent with their images (`cfbd.inconsistent_rows`). Global: the quantiles, the counts."""
+def _inconsistency(s: Scores, z: np.ndarray, link: float, ref: Reference,
+                   steps: GlobalSteps) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """Each cluster's members (valid rows whose caption reaches `link` against its seeds), how many of them are
+    inconsistent with their images (`cfbd.inconsistent_rows`) and how many are undescribed (`cfbd.undescribed`,
+    against the reference sample's images; the data's share measured on the reference sample's own pairs).
+    Global: the quantiles, the counts."""
     tail = cfbd.INCONSISTENT_TAIL
     cuts = {"c_above": float(select.quantile(steps.comm, s.c[s.valid], 1.0 - tail)),
             "s_o_at_most": float(select.quantile(steps.comm, s.s_o[s.valid], tail))}
     inconsistent = cfbd.inconsistent_rows(s.c, s.s_o, s.valid, cuts["c_above"], cuts["s_o_at_most"])
-    members = np.array([steps.count(s.valid & (z[:, k] >= link)) for k in range(z.shape[1])], dtype=np.int64)
-    bad = np.array([steps.count(inconsistent & (z[:, k] >= link)) for k in range(z.shape[1])], dtype=np.int64)
+    member = s.valid[:, None] & (z >= link)
+    null_images = ref.images[:NULL_SAMPLE]
+    undescribed = np.zeros(len(s.c), dtype=bool)
+    rows = np.flatnonzero(member.any(axis=1))
+    for part in np.array_split(rows, -(-len(rows) // GATHER_ROWS)):
+        undescribed[part] = cfbd.undescribed(steps.source.gather("image", part), steps.source.gather("text", part),
+                                             null_images)
+    members = np.array([steps.count(member[:, k]) for k in range(z.shape[1])], dtype=np.int64)
+    bad = np.array([steps.count(inconsistent & member[:, k]) for k in range(z.shape[1])], dtype=np.int64)
+    loose = np.array([steps.count(undescribed & member[:, k]) for k in range(z.shape[1])], dtype=np.int64)
     cuts["share_of_all_rows"] = steps.count(inconsistent) / max(steps.count(s.valid), 1)
-    return members, bad, cuts
+    cuts["undescribed_share"] = float(np.mean(cfbd.undescribed(ref.images, ref.captions, null_images)))
+    return members, bad, loose, cuts
 
 
 def clusters_verdict(s: Scores, found: list, z: np.ndarray, ref: Reference, cfg: ScanConfig, steps: GlobalSteps,
@@ -151,13 +165,15 @@ def clusters_verdict(s: Scores, found: list, z: np.ndarray, ref: Reference, cfg:
     # the paper's rule lost them. The genuine pairs of the target's concept are kept afterwards by what their own
     # image shows (`described`).
     link = cfbd.link_cosine(ref.caption_coherence)
-    members, bad, inconsistent_when = _inconsistency(s, z, link, steps)
+    members, bad, loose, inconsistent_when = _inconsistency(s, z, link, ref, steps)
     # every row against every cluster, family-wise (the p-values of the report, and the rule without a reference)
     reject_fw, best_fw, p_all, cut_all = _significant(scores, valid, cfg, steps,
                                                       "fwer" if cfg.threshold_method in ("fdr", "fwer") else None)
     significant = np.array([steps.count(reject_fw & (best_fw == k)) for k in range(n_clusters)], dtype=np.int64)
     tests = cfbd.inconsistency_test(members, bad, cfg.alpha, significant, min_rows=cfg.min_cluster,
-                                    base_share=inconsistent_when["share_of_all_rows"])
+                                    base_share=inconsistent_when["share_of_all_rows"], undescribed=loose,
+                                    undescribed_base=inconsistent_when["undescribed_share"],
+                                    grounding_p=np.array([cl.stats["grounding_p"] for cl in found]))
     backdoor = np.array([t["backdoor"] for t in tests], dtype=bool)
     first_captions = steps.captions([cl.rows[0] for cl in found])
     report = []
