@@ -36,7 +36,9 @@ img.thumb.poison{border:2px solid #c44e52}img.thumb.small{width:64px;height:64px
 
 CLUSTER_STATS = (("size", "seed-pool rows"), ("members", "member rows"),
                  ("inconsistent_share", "members inconsistent with their images"),
-                 ("reference_share", "the same for the data's clusters"), ("p_value", "p-value"),
+                 ("reference_share", "the same for the data's clusters"),
+                 ("undescribed_share", "members whose image its caption does not describe"),
+                 ("undescribed_base", "the same for the data's pairs"), ("p_value", "p-value"),
                  ("caption_coherence", "caption coherence"),
                  ("relative_caption_coherence", "relative caption coherence"),
                  ("relative_image_coherence", "relative image coherence"), ("median_c", "median c"),
