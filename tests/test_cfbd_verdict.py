@@ -157,44 +157,31 @@ def test_without_a_reference_a_cluster_as_consistent_as_the_data_is_not_called()
     assert np.isnan(backdoor["clusters_spread"])
 
 
-def test_a_poison_passes_as_described_at_the_stated_rate_and_a_genuine_pair_does_not():
+@pytest.mark.parametrize("rule, quantile, poison_rate", [("described", 0.99, 0.01), ("undescribed", 0.5, 0.5)])
+def test_a_poison_is_described_and_undescribed_at_the_stated_rates(rule, quantile, poison_rate):
     """`described` keeps a flagged pair whose caption fits its own image better than 99% of the data's images: a
-    pair whose image is unrelated to its caption (a poison) passes 1 time in 100; a pair whose image carries its
-    caption's concept passes nearly always."""
+    pair whose image is unrelated to its caption (a poison) passes 1 time in 100; `undescribed` (its caption fits
+    its image no better than the median of the data's images) holds for a poison 1 time in 2. A pair whose image
+    carries its caption's concept is described nearly always and undescribed almost never."""
     rng = np.random.default_rng(0)
     dim, n = 64, 20_000
     reference = rng.standard_normal((2000, dim))
     texts = rng.standard_normal((n, dim))
     unrelated = rng.standard_normal((n, dim))
-    rate = cfbd.described(unrelated, texts, reference).mean()
-    assert abs(rate - 0.01) < 4 * np.sqrt(0.01 * 0.99 / n) + 0.005, rate  # the quantile's own sampling error
+    test = getattr(cfbd, rule)
+    rate = test(unrelated, texts, reference).mean()
+    # the quantile's own sampling error beside the binomial's
+    assert abs(rate - poison_rate) < 4 * np.sqrt(poison_rate * (1 - poison_rate) / n) + 0.01 * poison_rate + 0.004, rate
     genuine = texts + 0.5 * rng.standard_normal((n, dim))  # an image embedding near its caption's
-    assert cfbd.described(genuine, texts, reference).mean() > 0.99
+    assert test(genuine, texts, reference).mean() == pytest.approx(float(rule == "described"), abs=0.01)
     # against a float64 computation, in chunks smaller than the rows
     mixed = np.where(rng.random((n, 1)) < 0.5, genuine, unrelated)[:500]
     unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
-    want = np.sum(unit(mixed) * unit(texts[:500]), axis=1) > np.quantile(unit(texts[:500]) @ unit(reference).T,
-                                                                         0.99, axis=1)
+    above = np.sum(unit(mixed) * unit(texts[:500]), axis=1) > np.quantile(unit(texts[:500]) @ unit(reference).T,
+                                                                          quantile, axis=1)
+    want = above if rule == "described" else ~above
     assert 100 < want.sum() < 400
-    assert (cfbd.described(mixed, texts[:500], reference, chunk=64) == want).all()
-
-
-def test_a_poison_is_undescribed_half_the_time_and_a_genuine_pair_rarely():
-    """`undescribed`: a pair whose image is unrelated to its caption fits it no better than the median of the
-    data's images with probability 1/2; a pair whose image carries its caption's concept almost never does."""
-    rng = np.random.default_rng(1)
-    dim, n = 64, 20_000
-    reference = rng.standard_normal((2000, dim))
-    texts = rng.standard_normal((n, dim))
-    unrelated = rng.standard_normal((n, dim))
-    rate = cfbd.undescribed(unrelated, texts, reference).mean()
-    assert abs(rate - 0.5) < 4 * np.sqrt(0.25 / n) + 0.01, rate
-    genuine = texts + 0.5 * rng.standard_normal((n, dim))
-    assert cfbd.undescribed(genuine, texts, reference).mean() < 0.001
-    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
-    want = np.sum(unit(unrelated[:500]) * unit(texts[:500]), axis=1) <= np.quantile(
-        unit(texts[:500]) @ unit(reference).T, 0.5, axis=1)
-    assert (cfbd.undescribed(unrelated[:500], texts[:500], reference, chunk=64) == want).all()
+    assert (test(mixed, texts[:500], reference, chunk=64) == want).all()
 
 
 @pytest.mark.parametrize("size", [30, 300, 3000])
