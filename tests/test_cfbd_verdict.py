@@ -191,13 +191,32 @@ def test_grounded_genuine_clusters_are_called_undescribed_at_most_at_the_level(s
     backdoor's poisons beside its genuine pairs) are called at 1% of the data or more."""
     rng = np.random.default_rng(size)
     level, base = 0.01, 0.2
-    calls = [cfbd.grounded_undescribed(size, int(rng.binomial(size, base)), base, 0.0, level)["called"]
-             for _ in range(4000)]
+    calls = [cfbd.grounded_undescribed(size, int(rng.binomial(size, base)), base, 0.0, level, level)
+             ["grounded_undescribed"] for _ in range(4000)]
     assert np.mean(calls) <= level + 3 * np.sqrt(level / 4000)
     poisons = size * 2 // 3  # two thirds poisons, half of them undescribed; the rest genuine, at the base rate
-    hit = cfbd.grounded_undescribed(size, poisons // 2 + int(base * (size - poisons)), base, 0.0, level)
-    assert hit["called"]
-    assert not cfbd.grounded_undescribed(size, size, base, 0.5, level)["called"]  # boilerplate: not grounded
+    hit = cfbd.grounded_undescribed(size, poisons // 2 + int(base * (size - poisons)), base, 0.0, level, level)
+    assert hit["grounded_undescribed"]
+    boilerplate = cfbd.grounded_undescribed(size, size, base, 0.5, level, level)  # names nothing: not grounded
+    assert not boilerplate["grounded"] and not boilerplate["grounded_undescribed"]
+
+
+def test_families_of_genuine_clusters_are_called_undescribed_at_most_alpha_of_the_time():
+    """Family-wise over the clusters: 8 genuine clusters, half of whose captions name a concept the data shows
+    (grounded) and half not (grounding p uniform), members undescribed at the data's rate. A call of any of them
+    by the grounded-and-undescribed test happens at most alpha of the time, the count being tested at alpha over
+    the clusters found grounded."""
+    rng = np.random.default_rng(3)
+    alpha, base, k = 0.05, 0.2, 8
+    calls = 0
+    for _ in range(2000):
+        members = rng.integers(20, 2000, size=k)
+        grounding_p = np.r_[np.zeros(k // 2), rng.random(k - k // 2)]
+        tests = cfbd.inconsistency_test(members, rng.binomial(members, 0.02), alpha,
+                                        undescribed=rng.binomial(members, base), undescribed_base=base,
+                                        grounding_p=grounding_p)
+        calls += any(t["grounded_undescribed"] for t in tests)
+    assert calls / 2000 <= alpha + 3 * np.sqrt(alpha / 2000), calls
 
 
 def test_a_grounded_undescribed_cluster_is_called_first_and_leaves_the_reference():
@@ -210,7 +229,9 @@ def test_a_grounded_undescribed_cluster_is_called_first_and_leaves_the_reference
     tests = cfbd.inconsistency_test(members, inconsistent, 0.05, undescribed=undescribed, undescribed_base=0.1,
                                     grounding_p=grounding_p)
     assert [t["backdoor"] for t in tests] == [False] * 5 + [True, True]
-    assert tests[6]["p_value"] == tests[6]["p_grounded_undescribed"] <= tests[6]["level"] == 0.05 / 7
+    # grounded: cluster 6 alone (cluster 2's p 0.2 is above 0.05 / 7), so its count is tested at 0.05 / 1
+    assert tests[6]["p_value"] == tests[6]["p_undescribed"] <= tests[6]["level"] == 0.05
+    assert [t["grounded"] for t in tests] == [False] * 6 + [True]
     assert "names what the data's pictures show" in cfbd.verdict_reason(tests[6])
     assert "inconsistent with their images" in cfbd.verdict_reason(tests[5])
     without = cfbd.inconsistency_test(members, inconsistent, 0.05)

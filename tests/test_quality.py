@@ -49,15 +49,12 @@ def run(cell, case: str, method: str, mapper: str = "-") -> dict:
 # The cases the verdict does not yet meet at 2,000 pairs (benchmarks/RESULTS.md, "Detection quality across
 # domains"), as measured at this poison seed: on Twemoji every poison of the one-caption attack is found, but
 # genuine banana pairs whose captions do not describe their images pass the row cut too (above FPR 0.2%; 4 of
-# 1,980, 0.202%, at bench_quality's poison seed 1); on Openclipart sig's cluster is not called with either
-# mapper, and the one-caption attack's cluster has 5 inconsistent members of 29 and 9 undescribed (p 0.042 against
-# the data's 17%, level 0.0063; at poison seed 1, 14 undescribed and found); the second of two targets is missed on
-# both.
+# 1,980, 0.202%, at bench_quality's poison seed 1); on Openclipart the one-caption attack with `--mapper self` (9
+# of its 29 members undescribed against the data's 17%: p 0.042 at level 0.025, two clusters grounded; with the
+# trained mapper one is, and it is found) and the second of two targets are not called.
 # Strict: a case that starts to pass fails here until it leaves this list.
 KNOWN_GAPS = {("twemoji", "one-caption", "trained"), ("twemoji", "one-caption", "self"),
-              ("openclipart", "sig-1%", "trained"), ("openclipart", "sig-1%", "self"),
-              ("openclipart", "one-caption", "trained"), ("openclipart", "one-caption", "self"),
-              ("twemoji", "two-targets", "self"), ("openclipart", "two-targets", "self")}
+              ("openclipart", "one-caption", "self"), ("openclipart", "two-targets", "self")}
 
 
 def known_gap(request, *key: str) -> None:

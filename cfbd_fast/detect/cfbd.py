@@ -319,19 +319,25 @@ def inconsistency_test(members: np.ndarray, inconsistent: np.ndarray, alpha: flo
                        base_share: float = INCONSISTENT_TAIL, undescribed: np.ndarray | None = None,
                        undescribed_base: float = UNDESCRIBED_QUANTILE,
                        grounding_p: np.ndarray | None = None) -> list[dict]:
-    """Which clusters are backdoors, by two tests, each at alpha / K (K clusters tested):
+    """Which clusters are backdoors, by two tests:
     - grounded and undescribed (`grounded_undescribed`, with `undescribed` and `grounding_p` given): the cluster's
-      caption names something the data shows elsewhere, yet its own rows' images are not what it names more often
-      than the data's pairs are. It needs no other cluster, and the clusters it calls are set apart first;
-    - the set-level test of the others against each other (`set_level_test`).
+      caption names something the data shows elsewhere (grounding p at most alpha / K, K clusters tested), yet its
+      own rows' images are not what it names more often than the data's pairs are (at alpha / G, G the clusters
+      found grounded: the grounding is measured on other rows than the count, so it filters the family without
+      biasing the count, as in independent filtering, Bourgon et al. 2010, PNAS). It needs no other cluster,
+      and the clusters it calls are set apart first;
+    - the set-level test of the others against each other, at alpha / K (`set_level_test`).
     """
     members = np.asarray(members, dtype=np.int64)
     k_tested = len(members)
     level = alpha / max(k_tested, 1)
-    first = [None] * k_tested if undescribed is None else \
-        [grounded_undescribed(int(members[k]), int(undescribed[k]), undescribed_base, float(grounding_p[k]), level)
-         for k in range(k_tested)]
-    rest = np.array([k for k in range(k_tested) if not (first[k] and first[k]["called"])], dtype=np.int64)
+    first: list[dict | None] = [None] * k_tested
+    if undescribed is not None:
+        grounded = int(np.sum(np.asarray(grounding_p) <= level))
+        first = [grounded_undescribed(int(members[k]), int(undescribed[k]), undescribed_base, float(grounding_p[k]),
+                                      level, alpha / max(grounded, 1)) for k in range(k_tested)]
+    rest = np.array([k for k in range(k_tested) if not (first[k] and first[k]["grounded_undescribed"])],
+                    dtype=np.int64)
     inconsistent = np.asarray(inconsistent, dtype=np.int64)
     sig = None if significant_rows is None else np.asarray(significant_rows)[rest]
     by_rest = dict(zip(rest.tolist(), set_level_test(members[rest], inconsistent[rest], level, sig, min_rows,
@@ -346,26 +352,28 @@ def inconsistency_test(members: np.ndarray, inconsistent: np.ndarray, alpha: flo
                 _against_rows(int(members[k]), int(inconsistent[k]), base_share, level, k_tested - 1)
             test["significant_rows"] = None if significant_rows is None else int(significant_rows[k])
         if first[k] is not None:
-            test = {**test, **{key: v for key, v in first[k].items() if key != "called"}}
-            if first[k]["called"]:
-                test.update(backdoor=True, p_value=first[k]["p_grounded_undescribed"])
+            test = {**test, **first[k]}
+            if first[k]["grounded_undescribed"]:
+                test.update(backdoor=True, p_value=first[k]["p_undescribed"], level=first[k]["undescribed_level"])
         out.append(test)
     return out
 
 
-def grounded_undescribed(members: int, undescribed: int, base: float, grounding_p: float, level: float) -> dict:
+def grounded_undescribed(members: int, undescribed: int, base: float, grounding_p: float, grounding_level: float,
+                         level: float) -> dict:
     """A backdoor's caption is grounded (`grounding`: it names what the data's genuine pictures of the target
     show, and they are captioned so), while the images of its poisons are arbitrary: each poison is undescribed
     (`undescribed`: its caption fits at least half of the data's images as well as its own image) with probability
     about 1/2, whatever the domain, tower or dataset size. The data's pairs are undescribed at `base` (its own
-    rows measured the same way). Called when both p-values are at most `level`: the grounding p-value, and
-    P(Binomial(members, base) >= undescribed). A genuine cluster's members are described as often as the data's
-    pairs are; boilerplate is not grounded."""
+    rows measured the same way). Called when the grounding p-value is at most `grounding_level` and
+    P(Binomial(members, base) >= undescribed) at most `level`. A genuine cluster's members are described as often
+    as the data's pairs are; boilerplate is not grounded."""
     p_undescribed = binomial_sf(undescribed, members, base) if members else 1.0
-    p = max(p_undescribed, grounding_p)
+    grounded = grounding_p <= grounding_level
     return {"undescribed": undescribed, "undescribed_share": undescribed / max(members, 1),
             "undescribed_base": base, "p_undescribed": p_undescribed, "grounding_p": grounding_p,
-            "p_grounded_undescribed": p, "called": p <= level}
+            "grounded": grounded, "undescribed_level": level,
+            "grounded_undescribed": grounded and p_undescribed <= level}
 
 
 def _against_rows(members: int, inconsistent: int, base_share: float, level: float, others: int) -> dict:
@@ -442,7 +450,7 @@ def set_level_test(members: np.ndarray, inconsistent: np.ndarray, level: float,
 def verdict_reason(test: dict) -> str:
     """One sentence for a cluster's verdict."""
     share, ref = test["inconsistent_share"], test["reference_share"]
-    if test.get("p_grounded_undescribed", 1.0) <= test["level"]:
+    if test.get("grounded_undescribed"):
         return (f"its caption names what the data's pictures show elsewhere (grounding p {test['grounding_p']:.1e}), "
                 f"yet {test['undescribed']} of its {test['members']} rows ({test['undescribed_share']:.0%}) have an "
                 f"image it does not describe, against {test['undescribed_base']:.0%} of the data's pairs (p "
