@@ -182,6 +182,7 @@ def test_a_poison_is_described_and_undescribed_at_the_stated_rates(rule, quantil
     want = above if rule == "described" else ~above
     assert 100 < want.sum() < 400
     assert (test(mixed, texts[:500], reference, chunk=64) == want).all()
+    assert test(np.zeros((0, dim)), np.zeros((0, dim)), reference).shape == (0,)  # a rank without such rows
 
 
 @pytest.mark.parametrize("size", [30, 300, 3000])

@@ -317,7 +317,7 @@ def _compare(k: int, reference: list[int], members: np.ndarray, inconsistent: np
 def inconsistency_test(members: np.ndarray, inconsistent: np.ndarray, alpha: float,
                        significant_rows: np.ndarray | None = None, min_rows: int = 10,
                        base_share: float = INCONSISTENT_TAIL, undescribed: np.ndarray | None = None,
-                       undescribed_base: float = UNDESCRIBED_QUANTILE,
+                       undescribed_base: float | None = None,
                        grounding_p: np.ndarray | None = None) -> list[dict]:
     """Which clusters are backdoors, by two tests:
     - grounded and undescribed (`grounded_undescribed`, with `undescribed` and `grounding_p` given): the cluster's
@@ -333,6 +333,8 @@ def inconsistency_test(members: np.ndarray, inconsistent: np.ndarray, alpha: flo
     level = alpha / max(k_tested, 1)
     first: list[dict | None] = [None] * k_tested
     if undescribed is not None:
+        if undescribed_base is None or grounding_p is None:
+            raise ValueError("the grounded-and-undescribed test needs undescribed_base and grounding_p")
         grounded = int(np.sum(np.asarray(grounding_p) <= level))
         first = [grounded_undescribed(int(members[k]), int(undescribed[k]), undescribed_base, float(grounding_p[k]),
                                       level, alpha / max(grounded, 1)) for k in range(k_tested)]

@@ -130,15 +130,16 @@ def _inconsistency(s: Scores, z: np.ndarray, link: float, ref: Reference,
     null_images = ref.images[:NULL_SAMPLE]
     undescribed = np.zeros(len(s.c), dtype=bool)
     rows = np.flatnonzero(member.any(axis=1))
-    for part in np.array_split(rows, -(-len(rows) // GATHER_ROWS)):
+    for part in np.array_split(rows, max(1, -(-len(rows) // GATHER_ROWS))):
         undescribed[part] = cfbd.undescribed(steps.source.gather("image", part), steps.source.gather("text", part),
                                              null_images)
     members = np.array([steps.count(member[:, k]) for k in range(z.shape[1])], dtype=np.int64)
     bad = np.array([steps.count(inconsistent & member[:, k]) for k in range(z.shape[1])], dtype=np.int64)
-    loose = np.array([steps.count(undescribed & member[:, k]) for k in range(z.shape[1])], dtype=np.int64)
+    undescribed_counts = np.array([steps.count(undescribed & member[:, k]) for k in range(z.shape[1])],
+                                  dtype=np.int64)
     cuts["share_of_all_rows"] = steps.count(inconsistent) / max(steps.count(s.valid), 1)
     cuts["undescribed_share"] = float(np.mean(cfbd.undescribed(ref.images, ref.captions, null_images)))
-    return members, bad, loose, cuts
+    return members, bad, undescribed_counts, cuts
 
 
 def clusters_verdict(s: Scores, found: list, z: np.ndarray, ref: Reference, cfg: ScanConfig, steps: GlobalSteps,
@@ -165,13 +166,13 @@ def clusters_verdict(s: Scores, found: list, z: np.ndarray, ref: Reference, cfg:
     # the paper's rule lost them. The genuine pairs of the target's concept are kept afterwards by what their own
     # image shows (`described`).
     link = cfbd.link_cosine(ref.caption_coherence)
-    members, bad, loose, inconsistent_when = _inconsistency(s, z, link, ref, steps)
+    members, bad, undescribed, inconsistent_when = _inconsistency(s, z, link, ref, steps)
     # every row against every cluster, family-wise (the p-values of the report, and the rule without a reference)
     reject_fw, best_fw, p_all, cut_all = _significant(scores, valid, cfg, steps,
                                                       "fwer" if cfg.threshold_method in ("fdr", "fwer") else None)
     significant = np.array([steps.count(reject_fw & (best_fw == k)) for k in range(n_clusters)], dtype=np.int64)
     tests = cfbd.inconsistency_test(members, bad, cfg.alpha, significant, min_rows=cfg.min_cluster,
-                                    base_share=inconsistent_when["share_of_all_rows"], undescribed=loose,
+                                    base_share=inconsistent_when["share_of_all_rows"], undescribed=undescribed,
                                     undescribed_base=inconsistent_when["undescribed_share"],
                                     grounding_p=np.array([cl.stats["grounding_p"] for cl in found]))
     backdoor = np.array([t["backdoor"] for t in tests], dtype=bool)
